@@ -1,0 +1,231 @@
+"""TeleChatConfig: the one description of a TeleChat2 model (presets, HF config.json, YAML)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from telechat_ms.errors import ConfigError
+from telechat_ms.io import atomic_write_text
+
+# HF config.json aliases: (our field, other names found in released or transformers-style configs).
+_ALIASES = {
+    "n_layer": ("num_hidden_layers", "num_layers"),
+    "n_head": ("num_attention_heads",),
+    "ffn_hidden_size": ("intermediate_size",),
+    "layer_norm_epsilon": ("rms_norm_eps",),
+}
+
+# Fields that only describe how MindSpore runs the model; never written to an HF config.json.
+_RUNTIME_FIELDS = ("compute_dtype", "param_dtype", "use_flash_attention", "fused_rms_norm")
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # A model small enough to train on 2 CPU cores in minutes; vocab is usually overridden by the tokenizer.
+    "tiny": dict(n_layer=2, hidden_size=128, ffn_hidden_size=256, n_head=4, num_key_value_heads=2,
+                 vocab_size=4096, training_seqlen=256, base_seqlen=256, seq_length=256),
+    "3b": dict(n_layer=24, hidden_size=3072, ffn_hidden_size=6144, n_head=24, num_key_value_heads=24),
+    "7b": dict(n_layer=30, hidden_size=4096, ffn_hidden_size=12288, n_head=32, num_key_value_heads=32),
+    "35b": dict(n_layer=64, hidden_size=6144, ffn_hidden_size=20480, n_head=48, num_key_value_heads=48),
+    "115b": dict(n_layer=96, hidden_size=8192, ffn_hidden_size=40960, n_head=64, num_key_value_heads=8,
+                 layer_norm_epsilon=1e-8),
+}
+
+
+@dataclass
+class TeleChatConfig:
+    """Architecture hyper-parameters of TeleChat2 (spec section 1-3) plus MindSpore run-time switches."""
+
+    vocab_size: int = 131072
+    hidden_size: int = 4096
+    n_layer: int = 30
+    n_head: int = 32
+    num_key_value_heads: int | None = None
+    ffn_hidden_size: int = 12288
+    layer_norm_epsilon: float = 1e-5
+    training_seqlen: int = 8192
+    base_seqlen: int = 8192
+    seq_length: int = 8192
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    embed_layernorm: bool = False
+    apply_residual_connection_post_layernorm: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 3
+    unk_token_id: int = 0
+    # MindSpore run-time switches (CPU path: fp32, plain attention, unfused norm; Ascend path: the opposite).
+    compute_dtype: str = "float32"
+    param_dtype: str = "float32"
+    use_flash_attention: bool = False
+    fused_rms_norm: bool = False
+    # Keys of an HF config.json we do not model, kept so save_pretrained writes them back unchanged.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.n_head  # missing or null means MHA
+        self.validate()
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_head
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share one kv head."""
+        return self.n_head // self.num_key_value_heads
+
+    def validate(self, source: str = "TeleChatConfig") -> None:
+        """Raise ConfigError naming the field if the numbers cannot describe a TeleChat2 model."""
+        for name in ("vocab_size", "hidden_size", "n_layer", "n_head", "num_key_value_heads", "ffn_hidden_size",
+                     "training_seqlen", "base_seqlen"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{source}: field '{name}' must be a positive integer, got {value!r}")
+        if self.hidden_size % self.n_head:
+            raise ConfigError(f"{source}: hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.num_key_value_heads:
+            raise ConfigError(f"{source}: n_head {self.n_head} is not divisible by num_key_value_heads "
+                              f"{self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"{source}: head_dim {self.head_dim} must be even for rotary embeddings")
+        if not (isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0):
+            raise ConfigError(f"{source}: field 'layer_norm_epsilon' must be a positive number, "
+                              f"got {self.layer_norm_epsilon!r}")
+        if self.tie_word_embeddings:
+            raise ConfigError(f"{source}: tie_word_embeddings=true is not a TeleChat2 layout (embeddings are untied)")
+        if self.apply_residual_connection_post_layernorm:
+            raise ConfigError(f"{source}: apply_residual_connection_post_layernorm=true is not supported "
+                              "(no released TeleChat2 model uses it)")
+        for name, allowed in (("compute_dtype", ("float32", "float16", "bfloat16")),
+                              ("param_dtype", ("float32", "float16", "bfloat16"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{source}: field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
+
+    # ---------------------------------------------------------------- presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TeleChatConfig":
+        """A released size ('3b', '7b', '35b', '115b') or 'tiny', with optional field overrides."""
+        key = name.lower()
+        if key not in _PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(_PRESETS)}")
+        return cls(**{**_PRESETS[key], **overrides})
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        return list(_PRESETS)
+
+    # ---------------------------------------------------------------- counting
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight of the HF checkpoint with its shape, computed from the config alone."""
+        h, f, v, d, k = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.head_dim, self.num_key_value_heads
+        shapes: dict[str, tuple[int, ...]] = {"transformer.word_embeddings.weight": (v, h)}
+        if self.embed_layernorm:
+            shapes["transformer.word_embeddings_layernorm.weight"] = (h,)
+        for i in range(self.n_layer):
+            p = f"transformer.h.{i}."
+            shapes.update({
+                p + "input_layernorm.weight": (h,),
+                p + "self_attention.query.weight": (h, h),
+                p + "self_attention.key_value.weight": (2 * k * d, h),
+                p + "self_attention.dense.weight": (h, h),
+                p + "self_attention.dense.bias": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+                p + "mlp.down_proj.bias": (h,),
+            })
+        shapes["transformer.ln_f.weight"] = (h,)
+        shapes["lm_head.weight"] = (v, h)
+        return shapes
+
+    def num_parameters(self) -> int:
+        """Total parameter count, from the config alone (nothing is allocated)."""
+        total = 0
+        for shape in self.parameter_shapes().values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+    # ---------------------------------------------------------------- HF config.json
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TeleChatConfig":
+        """Build from an HF-style dict, resolving aliases; unknown keys are kept in `extra`."""
+        data = dict(data)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs: dict[str, Any] = {}
+        for ours, theirs in _ALIASES.items():
+            present = [k for k in (ours, *theirs) if data.get(k) is not None]
+            values = {data[k] for k in present}
+            if len(values) > 1:
+                raise ConfigError(f"{source}: contradictory fields " + ", ".join(f"{k}={data[k]!r}" for k in present))
+            for k in (ours, *theirs):
+                if k in data:
+                    value = data.pop(k)
+                    if value is not None:
+                        kwargs[ours] = value
+        if "n_inner" in data and data["n_inner"] is not None and "ffn_hidden_size" not in kwargs:
+            kwargs["ffn_hidden_size"] = data["n_inner"]
+        for key in list(data):
+            if key in names:
+                kwargs[key] = data.pop(key)
+        for required in ("hidden_size", "n_layer", "n_head", "vocab_size", "ffn_hidden_size"):
+            if required not in kwargs:
+                raise ConfigError(f"{source}: missing required field '{required}'")
+        extra = data
+        try:
+            cfg = cls(**kwargs, extra=extra)
+        except TypeError as exc:  # pragma: no cover - defensive
+            raise ConfigError(f"{source}: {exc}") from exc
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "TeleChatConfig":
+        """Read `config.json` from a checkpoint directory (or the file itself)."""
+        path = os.fspath(path)
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise ConfigError(f"{file}: no config.json found")
+        try:
+            with open(file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{file}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: expected a JSON object")
+        return cls.from_dict(data, source=file)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json the released torch code reads (its field names, plus any preserved extras)."""
+        out: dict[str, Any] = {
+            "architectures": ["TelechatForCausalLM"],
+            "model_type": "telechat",
+        }
+        out.update(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name == "extra" or f.name in _RUNTIME_FIELDS:
+                continue
+            out[f.name] = getattr(self, f.name)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, run-time switches included (for YAML model_config)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return out
+
+    def save_pretrained(self, path: str | os.PathLike) -> str:
+        """Write `config.json` into directory `path` atomically; returns the file path."""
+        os.makedirs(path, exist_ok=True)
+        file = os.path.join(os.fspath(path), "config.json")
+        atomic_write_text(file, json.dumps(self.to_hf_dict(), indent=2, ensure_ascii=False) + "\n")
+        return file
+
+    def replace(self, **changes: Any) -> "TeleChatConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,103 @@
+"""`process-data` and `train-tokenizer` subcommands; `register(subparsers)` wires them into telechat-ms.
+
+Also runnable alone: python -m telechat_ms.data.cli process-data --data-mix mix.json --tokenizer T --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from telechat_ms.errors import TeleChatError
+
+# Options that need no MindSpore are parsed and validated before the (slow) import happens in the writer.
+
+
+def _process_data(args: argparse.Namespace) -> int:
+    """Run process-data from parsed arguments; prints the summary; returns an exit code."""
+    from telechat_ms.data.process import ProcessOptions, format_summary, process_data
+
+    opts = ProcessOptions(
+        data_mix=args.data_mix, tokenizer=args.tokenizer, out=args.out, max_seq_len=args.max_seq_len,
+        task=args.task, seed=args.seed, num_workers=args.num_workers, on_error=args.on_error,
+        loss_mask=args.loss_mask, overlong=args.overlong, pad_side=args.pad_side,
+        cross_attention=not args.no_cross_attention, pack=not args.no_pack,
+        max_records_per_file=args.max_records_per_file, records_per_shard=args.records_per_shard,
+        overwrite=args.overwrite, progress=not args.no_progress, show_errors=args.show_errors)
+    try:
+        summary = process_data(opts)
+    except (TeleChatError, FileExistsError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(f"wrote {os.path.abspath(args.out)} (manifest.json describes it)")
+    return 0
+
+
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    """Train the small demo tokenizer; returns an exit code."""
+    from telechat_ms.data.train_tokenizer import train_tokenizer
+
+    try:
+        tok = train_tokenizer(args.out, args.input or None, vocab_size=args.vocab_size, model_type=args.model_type)
+    except TeleChatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {os.path.join(args.out, 'tokenizer.model')} ({tok.vocab_size} pieces, sha256 {tok.sha256[:12]})")
+    return 0
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    """Add `process-data` and `train-tokenizer` to a telechat-ms argparse subparsers object."""
+    p = subparsers.add_parser(
+        "process-data", help="jsonl + data mix -> packed MindRecord shards",
+        description="Validate, tokenize, mix, pack and write training data as MindRecord shards + manifest.json.")
+    p.add_argument("--data-mix", required=True,
+                   help='JSON {"file.jsonl": weight} (paths relative to it), or a single .jsonl file')
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model or a directory containing it")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--max-seq-len", type=int, default=8192)
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="tokenizer processes; the output is identical for any value")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--task", choices=["sft", "pretrain"], default="sft")
+    p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
+                   help="bad lines: skip and count them (default) or stop with an error")
+    p.add_argument("--loss-mask", choices=["released", "answer-only"], default="released",
+                   help="released: <_bot>, answer, <_end> and <_user> supervised (TeleChat2 default); "
+                        "answer-only: answer + <_end> (the MindSpore port)")
+    p.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
+                   help="records longer than --max-seq-len: keep the start, or drop them (counted either way)")
+    p.add_argument("--pad-side", choices=["right", "left"], default="right")
+    p.add_argument("--no-cross-attention", action="store_true",
+                   help="write position_ids restarting at 0 per packed sample (each sample keeps its system "
+                        "prompt) so the trainer can block attention between samples")
+    p.add_argument("--no-pack", action="store_true", help="one record per sequence")
+    p.add_argument("--max-records-per-file", type=int, default=None, help="read at most N records per file")
+    p.add_argument("--records-per-shard", type=int, default=4096)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--show-errors", type=int, default=5, help="how many bad lines to print")
+    p.set_defaults(func=_process_data)
+
+    t = subparsers.add_parser(
+        "train-tokenizer", help="train a small TeleChat2-compatible SentencePiece tokenizer",
+        description="BPE, byte fallback, split digits, special tokens at ids 0..8; seconds on the demo data.")
+    t.add_argument("--input", nargs="*", default=None, help="jsonl files (default: the shipped demo data)")
+    t.add_argument("--out", required=True, help="directory for tokenizer.model + tokenizer_config.json")
+    t.add_argument("--vocab-size", type=int, default=3000)
+    t.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    t.set_defaults(func=_train_tokenizer)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for `python -m telechat_ms.data.cli`."""
+    parser = argparse.ArgumentParser(prog="python -m telechat_ms.data.cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

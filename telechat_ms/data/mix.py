@@ -1,0 +1,68 @@
+"""Data-mix files {"path.jsonl": weight}: paths relative to the mix file, weights as seeded repeat/subset counts."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from telechat_ms.errors import DataError
+
+
+@dataclass(frozen=True)
+class MixEntry:
+    """One file of a data mix: the key as written, its resolved path and its weight."""
+
+    key: str
+    path: str
+    weight: float
+
+
+def load_mix(mix_path: str) -> list[MixEntry]:
+    """Read and check a mix file; a bare .jsonl path stands for a mix of that one file with weight 1."""
+    mix_path = os.fspath(mix_path)
+    if mix_path.endswith(".jsonl"):
+        if not os.path.isfile(mix_path):
+            raise DataError(f"{mix_path}: data file not found")
+        return [MixEntry(os.path.basename(mix_path), os.path.abspath(mix_path), 1.0)]
+    try:
+        with open(mix_path, encoding="utf-8-sig") as fh:
+            mix = json.load(fh)
+    except FileNotFoundError:
+        raise DataError(f"{mix_path}: data-mix file not found") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{mix_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(mix, dict) or not mix:
+        raise DataError(f"{mix_path}: expected a non-empty JSON object {{\"file.jsonl\": weight, ...}}")
+    base = os.path.dirname(os.path.abspath(mix_path))
+    entries = []
+    for key, weight in mix.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise DataError(f"{mix_path}: {key!r}: weight must be a number, got {weight!r}")
+        if weight <= 0:
+            raise DataError(f"{mix_path}: {key!r}: weight must be positive, got {weight!r}")
+        path = os.path.normpath(os.path.join(base, key))
+        if not os.path.isfile(path):
+            raise DataError(f"{mix_path}: {key!r}: data file not found ({path})")
+        entries.append(MixEntry(key, path, float(weight)))
+    return entries
+
+
+def _file_seed(seed: int, key: str) -> list[int]:
+    """A per-file seed: adding or reordering other files never changes this file's subset."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return [seed, int.from_bytes(digest[:8], "little")]
+
+
+def select_indices(n: int, weight: float, seed: int, key: str) -> list[int]:
+    """floor(w) full passes over n records, then round(frac(w) * n) distinct records chosen with the seed."""
+    whole = int(math.floor(weight))
+    extra = int(round((weight - whole) * n))
+    indices = list(range(n)) * whole
+    if extra:
+        rng = np.random.default_rng(_file_seed(seed, key))
+        indices += sorted(int(i) for i in rng.choice(n, size=extra, replace=False))
+    return indices

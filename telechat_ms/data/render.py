@@ -1,0 +1,69 @@
+"""Training rendering and loss masks (spec 6): the chat template's text, encoded, with per-token supervision."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from telechat_ms.data import special_tokens as st
+from telechat_ms.data.chat_template import apply_chat_template
+from telechat_ms.data.formats import Example
+from telechat_ms.data.tokenizer import TeleChatTokenizer
+
+# released: every <_bot>, answer, <_end> and every <_user> (the released "multi-turn mask loss").
+# answer-only: answer tokens and their <_end> (the MindSpore port).
+LOSS_MASKS = ("released", "answer-only")
+
+
+@dataclass
+class Encoded:
+    """Token ids and a boolean supervision mask of one example; `prefix_len` tokens form its system block."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    prefix_len: int
+    packable: bool
+    where: str
+    is_chat: bool = True
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def render_training_text(example: Example) -> str:
+    """The template's text of a full conversation, minus the `\\n` after the last <_end> (no BOS)."""
+    text = apply_chat_template(example.messages, tools=example.tools)
+    suffix = st.END + "\n"
+    return text[:-1] if text.endswith(suffix) else text
+
+
+def loss_mask(ids: np.ndarray, mode: str = "released") -> np.ndarray:
+    """Boolean mask of supervised targets, found from the control ids alone (content never holds them)."""
+    if mode not in LOSS_MASKS:
+        raise ValueError(f"unknown loss mask {mode!r} (expected one of {LOSS_MASKS})")
+    ids = np.asarray(ids)
+    mask = np.zeros(ids.shape[0], dtype=bool)
+    ends = np.flatnonzero(ids == st.EOS_ID)
+    for bot in np.flatnonzero(ids == st.BOT_ID):
+        later = ends[ends > bot]
+        stop = int(later[0]) + 1 if later.size else ids.shape[0]  # a truncated answer runs to the end
+        mask[bot + (mode == "answer-only"):stop] = True
+    if mode == "released":
+        mask[ids == st.USER_ID] = True
+    return mask
+
+
+def encode_example(example: Example, tokenizer: TeleChatTokenizer, mode: str = "released") -> Encoded:
+    """Encode one validated example into ids + mask (pretrain: text + <_end>, all supervised)."""
+    if not example.is_chat:
+        ids = np.asarray(tokenizer.encode(example.text) + [st.EOS_ID], dtype=np.int32)
+        return Encoded(ids, np.ones(ids.shape[0], dtype=bool), 0, True, example.where, is_chat=False)
+    ids = np.asarray(tokenizer.encode(render_training_text(example)), dtype=np.int32)
+    first_user = np.flatnonzero(ids == st.USER_ID)
+    prefix_len = int(first_user[0]) if first_user.size else 0
+    return Encoded(ids, loss_mask(ids, mode), prefix_len, example.packable, example.where)
+
+
+def labels_from_mask(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """int32 labels: the token where supervised, IGNORE_INDEX (-100) elsewhere; not shifted (the model shifts)."""
+    return np.where(mask, ids, st.IGNORE_INDEX).astype(np.int32)

@@ -1,0 +1,169 @@
+"""TeleChat2 decoder layer in MindSpore on MindFormers' legacy blocks (Linear, LlamaRMSNorm).
+
+Parameter names follow the public MindSpore port (attention.wq / wk_v / wo, feed_forward.w1 / w2 / w3,
+attention_norm, ffn_norm) so its checkpoints load as they are. Every primitive is an attribute so that
+telechat_ms.parallel can attach shard strategies without touching this file.
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.ops import operations as P
+
+from mindformers.models.llama.llama_layer import LlamaRMSNorm, LlamaSiLU
+from mindformers.modules.layers import Linear
+
+from telechat_ms.config import TeleChatConfig
+
+MASK_VALUE = -1e9  # added to masked attention scores in fp32; exp() of it is exactly 0
+
+_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+def ms_dtype(name: str) -> ms.dtype:
+    """MindSpore dtype for a config dtype name."""
+    return _DTYPES[name]
+
+
+def rms_norm(cfg: TeleChatConfig, dim: int) -> LlamaRMSNorm:
+    """RMSNorm computed in fp32 and cast back (fused Ascend kernel when cfg.fused_rms_norm)."""
+    return LlamaRMSNorm(dim, eps=cfg.layer_norm_epsilon, compute_type=ms.float32, fused_kernel=cfg.fused_rms_norm)
+
+
+def linear(cfg: TeleChatConfig, n_in: int, n_out: int, has_bias: bool) -> Linear:
+    """A [out, in] (transpose_b) Linear, in the config's parameter and compute dtypes."""
+    return Linear(n_in, n_out, has_bias=has_bias, init_method_std=cfg.initializer_range, transpose_b=True,
+                  param_init_type=ms_dtype(cfg.param_dtype), compute_dtype=ms_dtype(cfg.compute_dtype))
+
+
+class RotaryEmbedding(nn.Cell):
+    """q*cos + rotate_half(q)*sin with precomputed (NTK + mscale) tables; rotate_half by slicing (CPU-safe)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.half = head_dim // 2
+        self.split = P.Split(axis=-1, output_num=2)
+        self.neg = P.Neg()
+        self.concat = P.Concat(axis=-1)
+        self.mul_cos = P.Mul()
+        self.mul_sin = P.Mul()
+        self.add = P.Add()
+        self.cast = P.Cast()
+
+    def construct(self, x, cos, sin):
+        dtype = x.dtype
+        cos = self.cast(cos, dtype)
+        sin = self.cast(sin, dtype)
+        x1, x2 = self.split(x)
+        rotated = self.concat((self.neg(x2), x1))
+        return self.add(self.mul_cos(x, cos), self.mul_sin(rotated, sin))
+
+
+class TeleChatAttention(nn.Cell):
+    """GQA self-attention with the fused, per-head interleaved key_value projection (wk_v) and a biased wo."""
+
+    def __init__(self, cfg: TeleChatConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.n_rep = cfg.n_rep
+        self.hidden = cfg.hidden_size
+        self.use_flash_attention = cfg.use_flash_attention
+        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.wq = linear(cfg, cfg.hidden_size, cfg.hidden_size, has_bias=False)
+        self.wk_v = linear(cfg, cfg.hidden_size, 2 * self.n_kv * self.head_dim, has_bias=False)
+        self.wo = linear(cfg, cfg.hidden_size, cfg.hidden_size, has_bias=True)
+        self.rotary = RotaryEmbedding(self.head_dim)
+        self.reshape = P.Reshape()
+        self.transpose_q = P.Transpose()
+        self.transpose_k = P.Transpose()
+        self.transpose_v = P.Transpose()
+        self.transpose_out = P.Transpose()
+        self.split_kv = P.Split(axis=-1, output_num=2)  # [.., K, 2d] -> key = first d, value = last d
+        self.tile_kv = P.Tile()
+        self.cast = P.Cast()
+        if self.use_flash_attention:
+            from mindformers.modules.flash_attention import FlashAttention
+            self.flash_attention = FlashAttention(head_num=self.n_head, scale_value=self.scale, input_layout="BNSD",
+                                                  sparse_mode=0, use_attention_mask=True)
+        else:
+            self.qk_matmul = P.BatchMatMul(transpose_b=True)
+            self.mul_scale = P.Mul()
+            self.mask_mul = P.Mul()
+            self.mask_add = P.Add()
+            self.softmax = P.Softmax(axis=-1)
+            self.pv_matmul = P.BatchMatMul()
+
+    def _repeat_kv(self, x, bs, seq):
+        """[B, K, S, d] -> [B, K*n_rep, S, d]: query head j reads kv head j // n_rep."""
+        if self.n_rep == 1:
+            return x
+        x = self.reshape(x, (bs, self.n_kv, 1, seq, self.head_dim))
+        x = self.tile_kv(x, (1, 1, self.n_rep, 1, 1))
+        return self.reshape(x, (bs, self.n_head, seq, self.head_dim))
+
+    def construct(self, x, cos, sin, attn_mask):
+        """x [B, S, H]; cos/sin [S, d]; attn_mask uint8 [B or 1, 1, S, S] with 1 = may not attend."""
+        bs, seq, _ = x.shape
+        q = self.reshape(self.wq(x), (bs, seq, self.n_head, self.head_dim))
+        kv = self.reshape(self.wk_v(x), (bs, seq, self.n_kv, 2 * self.head_dim))
+        k, v = self.split_kv(kv)
+        q = self.transpose_q(q, (0, 2, 1, 3))
+        k = self.transpose_k(k, (0, 2, 1, 3))
+        v = self.transpose_v(v, (0, 2, 1, 3))
+        q = self.rotary(q, cos, sin)
+        k = self.rotary(k, cos, sin)
+        if self.use_flash_attention:
+            out = self.flash_attention(q, k, v, attn_mask)
+        else:
+            out = self._attention(q, self._repeat_kv(k, bs, seq), self._repeat_kv(v, bs, seq), attn_mask)
+        out = self.reshape(self.transpose_out(out, (0, 2, 1, 3)), (bs, seq, self.hidden))
+        return self.wo(out)
+
+    def _attention(self, q, k, v, attn_mask):
+        """softmax(q k^T / sqrt(d) + mask) v with the softmax in fp32."""
+        scores = self.mul_scale(self.cast(self.qk_matmul(q, k), ms.float32), self.scale)
+        scores = self.mask_add(scores, self.mask_mul(self.cast(attn_mask, ms.float32), MASK_VALUE))
+        probs = self.cast(self.softmax(scores), v.dtype)
+        return self.pv_matmul(probs, v)
+
+
+class TeleChatMLP(nn.Cell):
+    """SwiGLU: w2(silu(w1 x) * w3 x) with a biased w2 (down_proj)."""
+
+    def __init__(self, cfg: TeleChatConfig):
+        super().__init__()
+        self.w1 = linear(cfg, cfg.hidden_size, cfg.ffn_hidden_size, has_bias=False)  # gate_proj
+        self.w3 = linear(cfg, cfg.hidden_size, cfg.ffn_hidden_size, has_bias=False)  # up_proj
+        self.w2 = linear(cfg, cfg.ffn_hidden_size, cfg.hidden_size, has_bias=True)   # down_proj
+        self.silu = LlamaSiLU()
+        self.mul = P.Mul()
+
+    def construct(self, x):
+        return self.w2(self.mul(self.silu(self.w1(x)), self.w3(x)))
+
+
+class TeleChatDecoderLayer(nn.Cell):
+    """Pre-norm block: x + wo(attn(norm(x))), then + w2(mlp(norm(.)))."""
+
+    def __init__(self, cfg: TeleChatConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = rms_norm(cfg, cfg.hidden_size)
+        self.attention = TeleChatAttention(cfg)
+        self.ffn_norm = rms_norm(cfg, cfg.hidden_size)
+        self.feed_forward = TeleChatMLP(cfg)
+        self.add_attn = P.Add()
+        self.add_ffn = P.Add()
+        self.cast = P.Cast()
+        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+
+    def construct(self, x, cos, sin, attn_mask):
+        h = self.attention(self.attention_norm(x), cos, sin, attn_mask)
+        x = self.add_attn(x, self.cast(h, x.dtype))
+        h = self.feed_forward(self.ffn_norm(x))
+        return self.add_ffn(x, self.cast(h, x.dtype))

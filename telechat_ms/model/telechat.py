@@ -1,0 +1,123 @@
+"""TeleChatModel and TeleChatForCausalLM: the TeleChat2 forward (spec section 1) in MindSpore.
+
+Position-dependent inputs (rotary cos/sin tables, the attention mask) are built on the host by
+`position_inputs` and passed in, so one graph serves every length and the kv cache can follow the
+released incremental NTK rule. `model(input_ids)` builds them itself (PyNative convenience).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn
+from mindspore.ops import operations as P
+
+from mindformers.models.llama.llama_layer import LlamaEmbedding
+
+from telechat_ms.config import TeleChatConfig
+from telechat_ms.model.layers import TeleChatDecoderLayer, linear, ms_dtype, rms_norm
+from telechat_ms.model.rope import rope_tables
+
+IGNORE_INDEX = -100
+
+
+def causal_mask(q_len: int, kv_len: int | None = None, offset: int = 0) -> np.ndarray:
+    """uint8 [1, 1, q_len, kv_len]: 1 where query (at offset + i) may not see key j (j > offset + i)."""
+    kv_len = q_len + offset if kv_len is None else kv_len
+    q_pos = np.arange(q_len)[:, None] + offset
+    k_pos = np.arange(kv_len)[None, :]
+    return (k_pos > q_pos).astype(np.uint8)[None, None]
+
+
+class TeleChatModel(nn.Cell):
+    """Embedding, the decoder layers and the final norm: hidden states [B, S, H]."""
+
+    def __init__(self, cfg: TeleChatConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = LlamaEmbedding(cfg.vocab_size, cfg.hidden_size, init_method_std=cfg.initializer_range,
+                                             param_init_type=ms_dtype(cfg.param_dtype))
+        self.embed_layernorm = cfg.embed_layernorm
+        if cfg.embed_layernorm:
+            self.word_embeddings_layernorm = rms_norm(cfg, cfg.hidden_size)
+        self.layers = nn.CellList([TeleChatDecoderLayer(cfg, i) for i in range(cfg.n_layer)])
+        self.norm_out = rms_norm(cfg, cfg.hidden_size)
+        self.cast = P.Cast()
+        self.compute_dtype = ms_dtype(cfg.compute_dtype)
+
+    def construct(self, input_ids, cos, sin, attn_mask):
+        h = self.cast(self.tok_embeddings(input_ids), self.compute_dtype)
+        if self.embed_layernorm:
+            h = self.word_embeddings_layernorm(h)
+        for layer in self.layers:
+            h = layer(h, cos, sin, attn_mask)
+        return self.norm_out(h)
+
+
+class TeleChatForCausalLM(nn.Cell):
+    """TeleChat2 language model: logits [B, S, V], or the mean token loss when labels are given."""
+
+    def __init__(self, cfg: TeleChatConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = TeleChatModel(cfg)
+        self.lm_head = linear(cfg, cfg.hidden_size, cfg.vocab_size, has_bias=False)
+        self.reshape = P.Reshape()
+        self.cast = P.Cast()
+        self.log_softmax = P.LogSoftmax(axis=-1)
+        self.gather_d = P.GatherD()
+        self.not_equal = P.NotEqual()
+        self.maximum = P.Maximum()
+        self.reduce_sum = P.ReduceSum()
+        self.concat = P.Concat(axis=1)
+        self.fill_ignore = P.Fill()
+
+    # ------------------------------------------------------------------ host-side inputs
+    def position_inputs(self, seq_len: int, batch_mask: np.ndarray | None = None):
+        """(cos, sin, attn_mask) Tensors for a full forward over `seq_len` tokens at positions 0..seq_len-1."""
+        cfg = self.config
+        cos, sin = rope_tables(seq_len, seq_len, cfg.head_dim, cfg.training_seqlen, cfg.base_seqlen)
+        mask = causal_mask(seq_len) if batch_mask is None else batch_mask
+        return ms.Tensor(cos), ms.Tensor(sin), ms.Tensor(mask)
+
+    # ------------------------------------------------------------------ forward
+    def construct(self, input_ids, labels=None, cos=None, sin=None, attn_mask=None):
+        if cos is None:
+            cos, sin, attn_mask = self.position_inputs(input_ids.shape[1])
+        hidden = self.model(input_ids, cos, sin, attn_mask)
+        logits = self.cast(self.lm_head(hidden), ms.float32)
+        if labels is None:
+            return logits
+        return self.loss(logits, labels)
+
+    def loss(self, logits, labels):
+        """Shifted cross entropy, mean over targets != -100 (token mean over the batch)."""
+        bs, seq, vocab = logits.shape
+        ignore = self.fill_ignore(labels.dtype, (bs, 1), IGNORE_INDEX)
+        targets = self.concat((labels[:, 1:], ignore))          # position t predicts token t+1
+        mask = self.cast(self.not_equal(targets, IGNORE_INDEX), ms.float32)
+        safe = self.maximum(targets, 0)
+        logp = self.log_softmax(self.reshape(logits, (bs * seq, vocab)))
+        picked = self.gather_d(logp, 1, self.reshape(safe, (bs * seq, 1)).astype(ms.int32))
+        nll = -self.reshape(picked, (bs, seq)) * mask
+        return self.reduce_sum(nll) / self.maximum(self.reduce_sum(mask), 1.0)
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, config: TeleChatConfig | None = None,
+                        **overrides) -> "TeleChatForCausalLM":
+        """Build the model from an HF directory (converted in memory, tensor by tensor) or an hf2ms output."""
+        from telechat_ms.weights import load_into_model
+        cfg = config or TeleChatConfig.from_pretrained(path)
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        model = cls(cfg)
+        load_into_model(model, os.fspath(path))
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike, fmt: str = "ms", dtype: str | None = None,
+                        max_shard_size: str | int = "5GB") -> str:
+        """Write config.json + sharded safetensors (fmt 'ms': port names; 'hf': released HF names)."""
+        from telechat_ms.weights import save_model
+        return save_model(self, os.fspath(path), fmt=fmt, dtype=dtype, max_shard_size=max_shard_size)
