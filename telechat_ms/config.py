@@ -180,11 +180,9 @@ class TeleChatConfig:
                 raise ConfigError(f"{source}: missing required field '{required}'")
         extra = data
         try:
-            cfg = cls(**kwargs, extra=extra)
-        except TypeError as exc:  # pragma: no cover - defensive
-            raise ConfigError(f"{source}: {exc}") from exc
-        cfg.validate(source)
-        return cfg
+            return cls(**kwargs, extra=extra)
+        except ConfigError as exc:  # re-issue with the file's name instead of the class name
+            raise ConfigError(str(exc).replace("TeleChatConfig", source, 1)) from None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "TeleChatConfig":
