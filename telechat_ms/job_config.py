@@ -1,0 +1,269 @@
+"""The job YAML (MindFormers' vocabulary) as typed sections: model, parallel, recompute, runner, optimizer,
+lr schedule, dataset, callbacks. One loader for train, plan and predict.
+
+    job = load_job_config("yaml_configs/tiny/finetune_tiny_cpu.yaml", overrides=["runner_config.batch_size=4"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from telechat_ms.config import TeleChatConfig
+from telechat_ms.errors import ConfigError
+from telechat_ms.train.schema import Where, build, parse_overrides, set_dotted, to_dict, yaml_line_map
+
+
+def _one_of(where: Where, path: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where(path)} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(where: Where, path: str, value: int | float, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{where(path)} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+@dataclass
+class ContextConfig:
+    """mindspore.set_context arguments."""
+    mode: str = "GRAPH_MODE"                 # GRAPH_MODE | PYNATIVE_MODE
+    device_target: str = "CPU"               # CPU | Ascend
+    device_id: int = 0
+    max_device_memory: str = ""              # e.g. "58GB" on Atlas 800T A2
+    jit_level: str = "O0"                    # O0 | O1 | O2 (Ascend)
+    memory_optimize_level: str = "O0"
+    save_graphs: bool = False
+
+    def check(self, where: Where, prefix: str) -> None:
+        _one_of(where, f"{prefix}.mode", self.mode, ("GRAPH_MODE", "PYNATIVE_MODE"))
+        _one_of(where, f"{prefix}.device_target", self.device_target, ("CPU", "Ascend", "GPU"))
+
+
+@dataclass
+class ParallelContext:
+    """mindspore.set_auto_parallel_context arguments (the YAML 'parallel' section)."""
+    parallel_mode: str = "stand_alone"       # stand_alone | data_parallel | semi_auto_parallel | auto_parallel
+    gradients_mean: bool = False
+    full_batch: bool = True
+    search_mode: str = "sharding_propagation"
+    enable_parallel_optimizer: bool = False
+    parallel_optimizer_threshold: int = 64   # KB; smaller parameters are not sharded
+    strategy_ckpt_save_file: str = "./ckpt_strategy.ckpt"
+    pipeline_interleave: bool = False
+    pipeline_scheduler: str = "1f1b"
+
+    def check(self, where: Where, prefix: str) -> None:
+        _one_of(where, f"{prefix}.parallel_mode", self.parallel_mode,
+                ("stand_alone", "data_parallel", "semi_auto_parallel", "auto_parallel"))
+        _one_of(where, f"{prefix}.pipeline_scheduler", self.pipeline_scheduler, ("1f1b", "gpipe", "seqpipe"))
+
+
+@dataclass
+class ParallelConfig:
+    """The model's parallel layout (MindFormers' parallel_config)."""
+    data_parallel: int = 1
+    model_parallel: int = 1
+    pipeline_stage: int = 1
+    context_parallel: int = 1
+    context_parallel_algo: str = "colossalai_cp"   # colossalai_cp (ring attention) | ulysses_cp | hybrid_cp
+    ulysses_degree_in_cp: int = 1
+    use_seq_parallel: bool = False
+    micro_batch_num: int = 1
+    pp_interleave_num: int = 1
+    vocab_emb_dp: bool = False
+    gradient_aggregation_group: int = 4
+
+    def check(self, where: Where, prefix: str) -> None:
+        for name in ("data_parallel", "model_parallel", "pipeline_stage", "context_parallel", "micro_batch_num",
+                     "pp_interleave_num", "ulysses_degree_in_cp", "gradient_aggregation_group"):
+            _positive(where, f"{prefix}.{name}", getattr(self, name))
+        _one_of(where, f"{prefix}.context_parallel_algo", self.context_parallel_algo,
+                ("colossalai_cp", "ulysses_cp", "hybrid_cp"))
+
+    @property
+    def world_size(self) -> int:
+        return self.data_parallel * self.model_parallel * self.pipeline_stage * self.context_parallel
+
+
+@dataclass
+class RecomputeConfig:
+    """What to recompute in the backward pass (MindFormers' recompute_config)."""
+    recompute: bool | list = False           # full recompute of every layer (or a per-stage list of layer counts)
+    select_recompute: bool | list = False    # selective: attention scores / softmax / activations only
+    parallel_optimizer_comm_recompute: bool = False
+    mp_comm_recompute: bool = True
+    recompute_slice_activation: bool = False
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["wq", "wk_v"])
+
+    def check(self, where: Where, prefix: str) -> None:
+        _positive(where, f"{prefix}.rank", self.rank)
+        allowed = ("wq", "wk_v", "wo", "w1", "w2", "w3")
+        for i, name in enumerate(self.target_modules):
+            _one_of(where, f"{prefix}.target_modules[{i}]", name, allowed)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where(prefix + '.dropout')} must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModelSection:
+    model_config: dict[str, Any] = field(default_factory=dict)   # TeleChatConfig fields, or `preset: tiny` + fields
+    lora: LoraConfig | None = None
+    pipeline_offset: list = field(default_factory=list)          # layers moved between stages, e.g. [-1, 1, 1, -1]
+    fine_grain_interleave: int = 1                               # Ascend: split each layer's comm/compute in N
+
+
+@dataclass
+class RunnerConfig:
+    batch_size: int = 1                      # per data-parallel worker, per micro step
+    epochs: int = 1
+    max_steps: int = -1                      # optimizer steps; -1 = as many as the epochs give
+    gradient_accumulation_steps: int = 1
+    sink_mode: bool = False
+    seq_length: int = 0                      # 0 = the dataset's
+
+    def check(self, where: Where, prefix: str) -> None:
+        _positive(where, f"{prefix}.batch_size", self.batch_size)
+        _positive(where, f"{prefix}.epochs", self.epochs)
+        _positive(where, f"{prefix}.gradient_accumulation_steps", self.gradient_accumulation_steps)
+
+
+@dataclass
+class RunnerWrapper:
+    """Clipping and loss scaling around the optimizer step (MindFormers' runner_wrapper)."""
+    use_clip_grad: bool = True
+    max_grad_norm: float = 1.0
+    loss_scale: str = "none"                 # none | static | dynamic (fp16 on Ascend)
+    loss_scale_value: float = 65536.0
+    scale_factor: float = 2.0
+    scale_window: int = 1000
+
+    def check(self, where: Where, prefix: str) -> None:
+        _one_of(where, f"{prefix}.loss_scale", self.loss_scale, ("none", "static", "dynamic"))
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = "AdamW"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    no_decay_keywords: list[str] = field(default_factory=lambda: ["norm", "bias"])  # excluded from decay
+
+    def check(self, where: Where, prefix: str) -> None:
+        _one_of(where, f"{prefix}.type", self.type, ("AdamW",))
+        if len(self.betas) != 2 or not all(0.0 < b < 1.0 for b in self.betas):
+            raise ConfigError(f"{where(prefix + '.betas')} must be two numbers in (0, 1), got {self.betas}")
+
+
+@dataclass
+class LrSchedule:
+    type: str = "cosine"                     # cosine | constant | linear
+    learning_rate: float = 1.5e-4
+    lr_end: float = 1.5e-5
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    total_steps: int = -1                    # -1 = the run's optimizer steps
+
+    def check(self, where: Where, prefix: str) -> None:
+        _one_of(where, f"{prefix}.type", self.type, ("cosine", "constant", "linear"))
+        _positive(where, f"{prefix}.learning_rate", self.learning_rate, zero_ok=True)
+
+
+@dataclass
+class DatasetConfig:
+    data_dir: str                            # a `telechat-ms process-data` output directory
+    shuffle: bool = True
+    drop_remainder: bool = True
+
+
+@dataclass
+class CallbacksConfig:
+    log_interval: int = 10
+    save_interval: int = 0                   # 0 = only at the end
+    keep_checkpoint_max: int = 3
+    loss_curve: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class JobConfig:
+    """A whole training/predict job."""
+    model: ModelSection
+    run_mode: str = "finetune"               # finetune | pretrain | predict
+    seed: int = 42
+    output_dir: str = "./runs/job"
+    load_checkpoint: str = ""                # HF or MindSpore checkpoint directory to start from
+    resume: str = ""                         # "" | auto | checkpoint directory
+    context: ContextConfig = field(default_factory=ContextConfig)
+    parallel: ParallelContext = field(default_factory=ParallelContext)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    recompute_config: RecomputeConfig = field(default_factory=RecomputeConfig)
+    runner_config: RunnerConfig = field(default_factory=RunnerConfig)
+    runner_wrapper: RunnerWrapper = field(default_factory=RunnerWrapper)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: LrSchedule = field(default_factory=LrSchedule)
+    train_dataset: DatasetConfig | None = None
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    source: str = ""                         # the YAML file this came from (set by the loader)
+
+    def check(self, where: Where, prefix: str) -> None:
+        _one_of(where, "run_mode", self.run_mode, ("finetune", "pretrain", "predict"))
+
+    def model_config(self, base: TeleChatConfig | None = None) -> TeleChatConfig:
+        """The TeleChatConfig this job describes: `preset`, else the checkpoint's config.json, plus overrides."""
+        fields = dict(self.model.model_config)
+        preset = fields.pop("preset", None)
+        known = {f.name for f in dataclasses.fields(TeleChatConfig)} - {"extra"}
+        for key in fields:
+            if key not in known:
+                import difflib
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                raise ConfigError(f"{self.source}: 'model.model_config.{key}': unknown key"
+                                  + (f"; did you mean 'model.model_config.{close[0]}'?" if close else ""))
+        if preset:
+            return TeleChatConfig.preset(preset, **fields)
+        if base is not None:
+            return base.replace(**fields)
+        if self.load_checkpoint:
+            return TeleChatConfig.from_pretrained(self.load_checkpoint).replace(**fields)
+        try:
+            return TeleChatConfig(**fields)
+        except TypeError as exc:
+            raise ConfigError(f"{self.source}: model.model_config: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = to_dict(self)
+        data.pop("source", None)
+        return data
+
+
+def load_job_config(path: str, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job YAML, apply `key.path=value` overrides, and validate every section."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such config file")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(overrides or []):
+        set_dotted(data, key, value)
+    job = build(JobConfig, data, Where(path, yaml_line_map(text)))
+    job.source = path
+    return job

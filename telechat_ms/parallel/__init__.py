@@ -1,0 +1,1 @@
+"""Parallelism: the only place that knows about sharding, launch context and parallel plans."""
