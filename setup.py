@@ -10,6 +10,7 @@ INSTALL_REQUIRES = [
     "pyyaml>=6.0",
     "safetensors>=0.4.3",
     "tqdm>=4.66",
+    "matplotlib>=3.8,<3.11",  # loss curves; 3.10 still supports numpy 1.26
 ]
 
 setup(
@@ -22,7 +23,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "torch": ["torch==2.13.0"],
-        "dev": ["pytest>=8", "matplotlib>=3.8"],
+        "dev": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["telechat-ms=telechat_ms.cli:main"]},
 )

@@ -38,6 +38,18 @@ def _parity(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
+def _train(args: argparse.Namespace) -> int:
+    from telechat_ms.train.trainer import main as train_main
+    return train_main(args.config, args.overrides)
+
+
+def _lora_merge(args: argparse.Namespace) -> int:
+    from telechat_ms.model.lora import merge_adapter_dir
+    merge_adapter_dir(args.base, args.adapter, args.out, fmt=args.format)
+    print(f"merged {args.adapter} into {args.base}: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="telechat-ms", description="TeleChat2 on MindSpore: convert, prepare "
                                      "data, train, infer.")
@@ -68,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--atol", type=float, default=1e-4, help="max |delta logits| allowed")
     parity.set_defaults(func=_parity)
 
+    train = sub.add_parser("train", help="train / fine-tune from a YAML job config (also under msrun)")
+    train.add_argument("--config", required=True, help="job YAML (see yaml_configs/)")
+    train.add_argument("overrides", nargs="*", help="--key.path=value overrides, e.g. --runner_config.batch_size=4")
+    train.set_defaults(func=_train)
+
+    lora = sub.add_parser("lora", help="LoRA adapter tools")
+    lora_sub = lora.add_subparsers(dest="lora_command", required=True)
+    merge = lora_sub.add_parser("merge", help="fold an adapter into its base model")
+    merge.add_argument("base", help="base model directory (HF or MindSpore)")
+    merge.add_argument("adapter", help="adapter directory written by training")
+    merge.add_argument("out", help="output model directory")
+    merge.add_argument("--format", choices=["ms", "hf"], default="ms", help="names of the merged checkpoint")
+    merge.set_defaults(func=_lora_merge)
+
     for module in ("telechat_ms.data.cli",):
         try:
             __import__(module, fromlist=["register"]).register(sub)
@@ -77,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # only `train` takes free-form --key.path=value overrides
+        if args.command != "train":
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = list(args.overrides) + unknown
     try:
         return int(args.func(args) or 0)
     except (TeleChatError, FileExistsError, PermissionError, FileNotFoundError) as exc:

@@ -248,6 +248,13 @@ class JobConfig:
         return data
 
 
+def job_from_dict(data: dict[str, Any], source: str = "<dict>") -> JobConfig:
+    """Validate an already-parsed job (tests, programmatic use) exactly as a YAML file would be."""
+    job = build(JobConfig, data, Where(source))
+    job.source = source
+    return job
+
+
 def load_job_config(path: str, overrides: list[str] | None = None) -> JobConfig:
     """Read a job YAML, apply `key.path=value` overrides, and validate every section."""
     if not os.path.isfile(path):

@@ -194,7 +194,7 @@ def convert_checkpoint(src: str, dst: str, target: str, dtype: str | None = None
 def load_into_model(model, path: str) -> None:
     """Fill a TeleChatForCausalLM from an HF or MindSpore checkpoint, one tensor at a time (strict)."""
     import mindspore as ms
-    params = dict(model.parameters_and_names())
+    params = {p.name: p for p in model.get_parameters()}  # p.name stays the checkpoint name under LoRA wrappers
     entries = canonical_entries(checkpoint_entries(path), model.config)
     for hf_name, e in entries.items():
         ms_name = hf_to_ms(hf_name)
@@ -216,7 +216,7 @@ def save_model(model, path: str, fmt: str = "ms", dtype: str | None = None,
                max_shard_size: str | int = "5GB") -> str:
     """Write a model as config.json + safetensors shards, with MindSpore ('ms') or HF ('hf') names."""
     cfg: TeleChatConfig = model.config
-    params = dict(model.parameters_and_names())
+    params = {p.name: p for p in model.get_parameters()}  # p.name stays the checkpoint name under LoRA wrappers
     hf_names = list(cfg.parameter_shapes())
     dtype = dtype or cfg.param_dtype
     specs = [(n if fmt == "hf" else hf_to_ms(n), tuple(params[hf_to_ms(n)].shape), dtype) for n in hf_names]

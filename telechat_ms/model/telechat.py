@@ -54,6 +54,15 @@ class TeleChatModel(nn.Cell):
             h = layer(h, cos, sin, attn_mask)
         return self.norm_out(h)
 
+    def construct_with_cache(self, input_ids, cos, sin, attn_mask, k_caches, v_caches, cache_index):
+        """Hidden states of the new tokens; each layer writes its keys/values into k_caches[i], v_caches[i]."""
+        h = self.cast(self.tok_embeddings(input_ids), self.compute_dtype)
+        if self.embed_layernorm:
+            h = self.word_embeddings_layernorm(h)
+        for i in range(len(self.layers)):
+            h = self.layers[i].construct_with_cache(h, cos, sin, attn_mask, k_caches[i], v_caches[i], cache_index)
+        return self.norm_out(h)
+
 
 class TeleChatForCausalLM(nn.Cell):
     """TeleChat2 language model: logits [B, S, V], or the mean token loss when labels are given."""
@@ -72,6 +81,7 @@ class TeleChatForCausalLM(nn.Cell):
         self.reduce_sum = P.ReduceSum()
         self.concat = P.Concat(axis=1)
         self.fill_ignore = P.Fill()
+        self.gather_last = P.Gather()
 
     # ------------------------------------------------------------------ host-side inputs
     def position_inputs(self, seq_len: int, batch_mask: np.ndarray | None = None):
@@ -91,8 +101,30 @@ class TeleChatForCausalLM(nn.Cell):
             return logits
         return self.loss(logits, labels)
 
+    def forward_with_cache(self, input_ids, cos, sin, attn_mask, k_caches, v_caches, cache_index, last_index):
+        """Inference step with a kv cache (telechat_ms.infer builds the inputs): fp32 logits [B, 1, V] of the
+        token at position last_index (int32 [1]) of input_ids; the caches are updated in place."""
+        hidden = self.model.construct_with_cache(input_ids, cos, sin, attn_mask, k_caches, v_caches, cache_index)
+        hidden = self.gather_last(hidden, last_index, 1)
+        return self.cast(self.lm_head(hidden), ms.float32)
+
+    def generate(self, input_ids, **kwargs):
+        """Generate with the kv cache (greedy or sampling); see telechat_ms.infer.generate.generate."""
+        from telechat_ms.infer.generate import generate
+        return generate(self, input_ids, **kwargs)
+
+    def chat(self, tokenizer, question: str, history: list | None = None, stream: bool = False, **kwargs):
+        """(answer, history), or an iterator of text pieces when stream=True; see telechat_ms.infer.chat.chat."""
+        from telechat_ms.infer.chat import chat
+        return chat(self, tokenizer, question, history=history, stream=stream, **kwargs)
+
     def loss(self, logits, labels):
         """Shifted cross entropy, mean over targets != -100 (token mean over the batch)."""
+        nll_sum, count = self.loss_terms(logits, labels)
+        return nll_sum / self.maximum(count, 1.0)
+
+    def loss_terms(self, logits, labels):
+        """(sum of the shifted token NLL over targets != -100, number of such targets)."""
         bs, seq, vocab = logits.shape
         ignore = self.fill_ignore(labels.dtype, (bs, 1), IGNORE_INDEX)
         targets = self.concat((labels[:, 1:], ignore))          # position t predicts token t+1
@@ -101,7 +133,7 @@ class TeleChatForCausalLM(nn.Cell):
         logp = self.log_softmax(self.reshape(logits, (bs * seq, vocab)))
         picked = self.gather_d(logp, 1, self.reshape(safe, (bs * seq, 1)).astype(ms.int32))
         nll = -self.reshape(picked, (bs, seq)) * mask
-        return self.reduce_sum(nll) / self.maximum(self.reduce_sum(mask), 1.0)
+        return self.reduce_sum(nll), self.reduce_sum(mask)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
@@ -114,6 +146,7 @@ class TeleChatForCausalLM(nn.Cell):
             cfg = cfg.replace(**overrides)
         model = cls(cfg)
         load_into_model(model, os.fspath(path))
+        model.name_or_path = os.fspath(path)  # where telechat_ms.infer finds generation_config.json
         return model
 
     def save_pretrained(self, path: str | os.PathLike, fmt: str = "ms", dtype: str | None = None,

@@ -1,0 +1,226 @@
+"""The training loop: one readable function from a JobConfig to checkpoints, metrics and a final model.
+
+    telechat-ms train --config yaml_configs/tiny/finetune_tiny_cpu.yaml [--key.path=value ...]
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from telechat_ms.errors import CheckpointError, ConfigError, DataError, TeleChatError
+from telechat_ms.job_config import JobConfig
+from telechat_ms.train.checkpoint import _fault, latest_checkpoint, load_checkpoint, save_checkpoint
+from telechat_ms.train.lr import lr_at
+from telechat_ms.train.metrics import MetricsLogger
+
+
+class TrainingError(TeleChatError, RuntimeError):
+    """Training cannot go on (NaN/Inf loss, ...); the message names the step."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    final_dir: str = ""
+    checkpoint: str = ""
+
+
+def preflight(job: JobConfig) -> None:
+    """Report missing paths before any compilation starts."""
+    if job.train_dataset is None:
+        raise ConfigError(f"{job.source}: missing required section 'train_dataset' (with data_dir)")
+    if not os.path.isdir(job.train_dataset.data_dir):
+        raise DataError(f"{job.source}: train_dataset.data_dir {job.train_dataset.data_dir!r} does not exist")
+    if job.load_checkpoint and not os.path.exists(job.load_checkpoint):
+        raise CheckpointError(f"{job.source}: load_checkpoint {job.load_checkpoint!r} does not exist")
+    if job.resume not in ("", "auto") and not os.path.isdir(job.resume):
+        raise CheckpointError(f"{job.source}: resume {job.resume!r} does not exist")
+
+
+def build_model(job: JobConfig):
+    """The model of the job, from load_checkpoint (HF or MindSpore) or freshly initialised from the seed."""
+    import mindspore as ms
+    from telechat_ms.model.telechat import TeleChatForCausalLM
+    ms.set_seed(job.seed)
+    if job.load_checkpoint:
+        from telechat_ms.config import TeleChatConfig
+        cfg = job.model_config(base=TeleChatConfig.from_pretrained(job.load_checkpoint))
+        model = TeleChatForCausalLM.from_pretrained(job.load_checkpoint, config=cfg)
+    else:
+        model = TeleChatForCausalLM(job.model_config())
+    trainable = [p for p in model.get_parameters()]
+    if job.model.lora is not None:
+        from telechat_ms.model.lora import apply_lora
+        lora = job.model.lora
+        trainable = apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+    return model, trainable
+
+
+def build_optimizer(job: JobConfig, params: list):
+    """MindFormers' AdamW (torch AdamW math: bias correction, decoupled decay); norms/biases not decayed."""
+    from mindformers.core.optim import AdamW
+    opt = job.optimizer
+    decay = [p for p in params if not any(k in p.name for k in opt.no_decay_keywords)]
+    no_decay = [p for p in params if any(k in p.name for k in opt.no_decay_keywords)]
+    groups = [g for g in ({"params": decay, "weight_decay": opt.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups.append({"order_params": params})  # keep the gradients' order (MindSpore regroups otherwise)
+    return AdamW(groups, learning_rate=job.lr_schedule.learning_rate, betas=tuple(float(b) for b in opt.betas),
+                 eps=float(opt.eps), weight_decay=float(opt.weight_decay))
+
+
+class PositionCache:
+    """Rotary tables and masks per batch layout: shared causal ones, or per-sample ones for packed data."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache: dict[int, tuple] = {}
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import mindspore as ms
+        from telechat_ms.model.rope import rope_tables
+        seq = batch["input_ids"].shape[1]
+        if "position_ids" not in batch:
+            if seq not in self.cache:
+                self.cache[seq] = self.model.position_inputs(seq)
+            return self.cache[seq]
+        cfg = self.model.config
+        pos = batch["position_ids"].astype(np.int64)                        # restarts at 0 per packed sample
+        cos, sin = rope_tables(np.arange(seq), seq, cfg.head_dim, cfg.training_seqlen, cfg.base_seqlen)
+        segment = np.cumsum(pos == 0, axis=1)                              # sample index of every token
+        same = segment[:, :, None] == segment[:, None, :]
+        causal = np.tril(np.ones((seq, seq), dtype=bool))[None]
+        mask = (~(same & causal)).astype(np.uint8)[:, None]
+        return (ms.Tensor(cos[pos][:, None]), ms.Tensor(sin[pos][:, None]), ms.Tensor(mask))
+
+
+def train(job: JobConfig) -> TrainResult:
+    """Run the job: returns the losses of the steps this process ran."""
+    preflight(job)
+    import mindspore as ms
+    from mindspore import Tensor
+    from telechat_ms.parallel.context import setup_context
+    from telechat_ms.train.loader import BatchLoader
+    from telechat_ms.train.step import (AccumulateStep, AllReduceSum, ApplyGrads, FinalizeGrads, LossSum,
+                                        ZeroGrads, make_buffers)
+
+    run = setup_context(job)
+    runner = job.runner_config
+    loader = BatchLoader(job.train_dataset.data_dir, runner.batch_size, runner.gradient_accumulation_steps,
+                         rank=run.rank, world_size=run.world_size, seed=job.seed, shuffle=job.train_dataset.shuffle)
+    total_steps = runner.max_steps if runner.max_steps > 0 else loader.batches_per_epoch * runner.epochs
+    model, trainable = build_model(job)
+    optimizer = build_optimizer(job, trainable)
+    accu = make_buffers(trainable)
+    accumulate = AccumulateStep(LossSum(model), trainable, accu)
+    finalize = FinalizeGrads(accu, run.world_size)
+    apply = ApplyGrads(optimizer, accu)
+    zero_grads = ZeroGrads(accu)
+    all_reduce = AllReduceSum() if run.world_size > 1 else None
+    positions = PositionCache(model)
+
+    out_dir = job.output_dir
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    model_params = {p.name: p for p in (trainable if job.model.lora is not None else model.get_parameters())}
+    opt_params = {p.name: p for p in (*optimizer.exp_avg, *optimizer.exp_avg_sq)}
+    opt_params["global_step"] = optimizer.global_step
+    wrapper = job.runner_wrapper
+    loss_scale = wrapper.loss_scale_value if wrapper.loss_scale != "none" else 1.0
+    good_steps = 0  # consecutive finite steps, for the dynamic loss scale
+    start = 0
+    resume = latest_checkpoint(ckpt_root) if job.resume == "auto" else (job.resume or None)
+    if resume:
+        state = load_checkpoint(resume, model_params, opt_params)
+        start = int(state["step"])
+        loader.load_state_dict(state["loader"])
+        loss_scale = float(state.get("loss_scale", loss_scale))
+        if state.get("rng") is not None:
+            ms.set_rng_state(Tensor(np.array(state["rng"], dtype=np.uint8)))
+    logger = MetricsLogger(out_dir, total_steps, enabled=run.is_main, log_interval=job.callbacks.log_interval,
+                           tensorboard=job.callbacks.tensorboard)
+    if run.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        logger.info(f"model {model.config.num_parameters() / 1e6:.2f}M params ({sum(int(np.prod(p.shape)) for p in trainable) / 1e6:.3f}M trainable), "
+                    f"{loader.num_records} sequences of {loader.seq_length}, global batch {loader.global_batch}, "
+                    f"{total_steps} steps" + (f", resuming from {resume} at step {start}" if resume else ""))
+    result = TrainResult(steps=total_steps)
+    last_ckpt = resume or ""
+    for step in range(start, total_steps):
+        t0 = time.perf_counter()
+        micro, tokens = loader.next_global_batch()
+        lr = lr_at(step, job.lr_schedule, total_steps)
+        optimizer.learning_rate.set_data(Tensor(np.float32(lr)))
+        scale_t = Tensor(np.float32(loss_scale))
+        loss_sum = 0.0
+        for batch in micro:
+            cos, sin, mask = positions(batch)
+            out = accumulate(Tensor(batch["input_ids"]), Tensor(batch["labels"]), cos, sin, mask, scale_t)
+            loss_sum += float(out.asnumpy())
+        if all_reduce is not None:
+            loss_sum = float(all_reduce(Tensor(np.float32(loss_sum))).asnumpy())
+        loss = loss_sum / loss_scale / max(tokens, 1)
+        norm = float(finalize(Tensor(np.float32(1.0 / (max(tokens, 1) * loss_scale)))).asnumpy())
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            if wrapper.loss_scale == "dynamic":  # fp16 overflow: skip the update, lower the scale
+                zero_grads()
+                loss_scale = max(loss_scale / wrapper.scale_factor, 1.0)
+                logger.info(f"step {step + 1}: overflow, loss scale lowered to {loss_scale:g}")
+                continue
+            raise TrainingError(f"step {step + 1}: loss is {loss} (grad norm {norm}); training stopped. "
+                                f"The last good checkpoint is {last_ckpt or 'none (no checkpoint saved yet)'}")
+        clip = min(1.0, wrapper.max_grad_norm / (norm + 1e-6)) if wrapper.use_clip_grad else 1.0
+        apply(Tensor(np.float32(clip)))
+        if wrapper.loss_scale == "dynamic":
+            good_steps += 1
+            if good_steps % wrapper.scale_window == 0:
+                loss_scale *= wrapper.scale_factor
+        result.losses.append(loss)
+        logger.step(step + 1, loss=loss, lr=lr, grad_norm=norm, tokens=tokens, seconds=time.perf_counter() - t0)
+        done = step + 1 == total_steps
+        interval = job.callbacks.save_interval
+        if run.is_main and (done or (interval > 0 and (step + 1) % interval == 0)):
+            state = {"loader": loader.state_dict(), "loss_scale": loss_scale, "lr": lr, "world_size": run.world_size,
+                     "rng": ms.get_rng_state().asnumpy().tolist()}
+            last_ckpt = save_checkpoint(ckpt_root, step + 1, model_params, opt_params, state,
+                                        keep=job.callbacks.keep_checkpoint_max)
+        if _fault("kill_after_step", step + 1):
+            os._exit(137)  # simulated kill -9, for the resume tests
+    result.checkpoint = last_ckpt
+    if run.is_main:
+        result.final_dir = _save_final(job, model, loader)
+        logger.close(loss_curve=job.callbacks.loss_curve)
+    return result
+
+
+def _save_final(job: JobConfig, model, loader) -> str:
+    """The model directory convert / from_pretrained / chat accept (adapter only for LoRA runs)."""
+    import shutil
+    final = os.path.join(job.output_dir, "final")
+    if job.model.lora is not None:
+        from telechat_ms.model.lora import save_adapter
+        save_adapter(model, final, base_model=job.load_checkpoint)
+    else:
+        model.save_pretrained(final)
+    tokenizer = loader.manifest.get("tokenizer", {})
+    tok_path = tokenizer.get("path") if isinstance(tokenizer, dict) else None
+    if tok_path and os.path.isfile(tok_path):
+        shutil.copy2(tok_path, os.path.join(final, "tokenizer.model"))
+    return final
+
+
+def main(config: str, overrides: list[str]) -> int:
+    from telechat_ms.job_config import load_job_config
+    job = load_job_config(config, overrides)
+    try:
+        train(job)
+    except TrainingError as exc:
+        print(f"telechat-ms train: {exc}", file=sys.stderr)
+        return 3
+    return 0
