@@ -51,3 +51,24 @@ def ckpt_factory(tmp_path_factory):
 
 
 os.environ.setdefault("GLOG_v", "3")  # keep MindSpore's C++ logging to errors
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> dict:
+    """The shipped demo SFT data, tokenized with a demo tokenizer into 64-token MindRecord sequences."""
+    from telechat_ms.data.process import ProcessOptions, process_data
+    from telechat_ms.data.train_tokenizer import train_tokenizer
+    root = tmp_path_factory.mktemp("demo")
+    tok = train_tokenizer(str(root / "tok"), vocab_size=1024)
+    mix = REPO / "telechat_ms" / "demo_data" / "demo_mix.json"
+    process_data(ProcessOptions(data_mix=str(mix), tokenizer=str(root / "tok"), out=str(root / "data"),
+                                max_seq_len=64, num_workers=1, progress=False))
+    return {"tokenizer": str(root / "tok"), "data": str(root / "data"), "vocab_size": tok.vocab_size}
+
+
+@pytest.fixture
+def pynative_after():
+    """Tests that train in-process switch MindSpore to GRAPH mode; give the next test PyNative back."""
+    yield
+    import mindspore as ms
+    ms.set_context(mode=ms.PYNATIVE_MODE)

@@ -1,0 +1,150 @@
+"""Training: torch parity, exact resume, crash-safe checkpoints, overfitting, LoRA, YAML errors."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from telechat_ms.checkpoint_io import checkpoint_entries, safetensors_entries
+from telechat_ms.errors import ConfigError, DataError
+from telechat_ms.job_config import job_from_dict, load_job_config
+from tests.train_helpers import losses, run_train, tiny_job, write_yaml
+
+torch = pytest.importorskip("torch")
+
+
+def _weights(path: str) -> dict[str, np.ndarray]:
+    return {e.name: e.read() for e in safetensors_entries(path)}
+
+
+def test_training_matches_torch_adamw(demo_data, tmp_path, pynative_after):
+    """10 optimizer steps from the same weights on the same batches: telechat_ms vs the torch reference with
+    torch.optim.AdamW (decay on matrices only), the same warmup+cosine lr and global-norm clipping."""
+    from telechat_ms.reference.random_checkpoint import tiny_config, write_random_hf_checkpoint
+    from telechat_ms.reference.torch_model import TeleChatRef
+    from telechat_ms.train.loader import BatchLoader
+    from telechat_ms.train.lr import lr_at
+    from telechat_ms.train.trainer import train
+    from telechat_ms.weights import hf_to_ms
+
+    hf_dir = str(tmp_path / "init")
+    write_random_hf_checkpoint(hf_dir, tiny_config(vocab_size=demo_data["vocab_size"]), seed=3)
+    job = job_from_dict(tiny_job(demo_data["data"], str(tmp_path / "run"), demo_data["vocab_size"],
+                                 load_checkpoint=hf_dir, model={"model_config": {}},
+                                 runner_config={"batch_size": 4, "max_steps": 10, "gradient_accumulation_steps": 2}))
+    result = train(job)
+
+    ref = TeleChatRef.from_pretrained(hf_dir)
+    named = dict(ref.named_parameters())
+    no_decay = [p for n, p in named.items() if any(k in hf_to_ms(n) for k in ("norm", "bias"))]
+    decay = [p for n, p in named.items() if not any(k in hf_to_ms(n) for k in ("norm", "bias"))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1.0, betas=(0.9, 0.95), eps=1e-8)
+    loader = BatchLoader(demo_data["data"], 4, accumulation=2, seed=job.seed)
+    ref_losses = []
+    for step in range(10):
+        micro, tokens = loader.next_global_batch()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, job.lr_schedule, 10)
+        opt.zero_grad()
+        total = 0.0
+        for batch in micro:
+            ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
+            labels = torch.from_numpy(batch["labels"].astype(np.int64))
+            logits = ref(ids).logits
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                    labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+            (nll / tokens).backward()
+            total += float(nll)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+        ref_losses.append(total / tokens)
+    np.testing.assert_allclose(result.losses, ref_losses, rtol=1e-4)
+    final = _weights(os.path.join(result.final_dir, "model.safetensors"))
+    for name, p in named.items():
+        np.testing.assert_allclose(final[hf_to_ms(name)], p.detach().numpy(), atol=1e-4, err_msg=name)
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_exact_resume_after_kill(demo_data, tmp_path):
+    base = tiny_job(demo_data["data"], str(tmp_path / "full"), demo_data["vocab_size"],
+                    runner_config={"batch_size": 4, "max_steps": 20},
+                    callbacks={"save_interval": 10, "log_interval": 5, "keep_checkpoint_max": 3,
+                               "tensorboard": False, "loss_curve": False})
+    full = write_yaml(str(tmp_path / "full.yaml"), base)
+    run_train(full)
+    killed = write_yaml(str(tmp_path / "killed.yaml"), {**base, "output_dir": str(tmp_path / "killed")})
+    proc = run_train(killed, env={"TELECHAT_MS_FAULT": "kill_after_step:10"}, check=False)
+    assert proc.returncode == 137
+    assert sorted(losses(str(tmp_path / "killed"))) == list(range(1, 11))
+    run_train(killed, "--resume=auto")
+    a, b = losses(str(tmp_path / "full")), losses(str(tmp_path / "killed"))
+    for step in range(11, 21):
+        assert a[step] == b[step], step  # bitwise on CPU
+    wa = _weights(str(tmp_path / "full" / "final" / "model.safetensors"))
+    wb = _weights(str(tmp_path / "killed" / "final" / "model.safetensors"))
+    assert all(np.array_equal(wa[n], wb[n]) for n in wa)
+
+
+def test_crash_during_checkpoint_write_keeps_previous(demo_data, tmp_path):
+    job = tiny_job(demo_data["data"], str(tmp_path / "run"), demo_data["vocab_size"],
+                   runner_config={"batch_size": 4, "max_steps": 12},
+                   callbacks={"save_interval": 4, "log_interval": 4, "keep_checkpoint_max": 5,
+                              "tensorboard": False, "loss_curve": False})
+    cfg = write_yaml(str(tmp_path / "job.yaml"), job)
+    proc = run_train(cfg, env={"TELECHAT_MS_FAULT": "crash_in_save:8"}, check=False)
+    assert proc.returncode == 86
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == ["step_00000004"]
+    assert any(p.name.startswith(".step_00000008") for p in ckpts.iterdir())  # the torn write, not picked
+    proc = run_train(cfg, "--resume=auto")
+    assert "resuming from" in proc.stdout and "step_00000004 at step 4" in proc.stdout
+    assert sorted(losses(str(tmp_path / "run"))) == list(range(1, 13))
+    assert not any(p.name.startswith(".") for p in ckpts.iterdir())  # the torn write was cleaned up
+
+
+def test_overfits_sixteen_samples(demo_data, tmp_path, pynative_after):
+    from telechat_ms.data.process import ProcessOptions, process_data
+    from telechat_ms.train.trainer import train
+    sixteen = tmp_path / "mix.json"
+    src = tmp_path / "sixteen.jsonl"
+    demo = os.path.join(os.path.dirname(__file__), "..", "telechat_ms", "demo_data", "sft_demo.jsonl")
+    src.write_text("".join(open(demo, encoding="utf-8").readlines()[:16]), encoding="utf-8")
+    sixteen.write_text('{"sixteen.jsonl": 1}')
+    process_data(ProcessOptions(data_mix=str(sixteen), tokenizer=demo_data["tokenizer"], out=str(tmp_path / "d"),
+                                max_seq_len=64, pack=False, progress=False))
+    job = job_from_dict(tiny_job(str(tmp_path / "d"), str(tmp_path / "run"), demo_data["vocab_size"],
+                                 runner_config={"batch_size": 4, "max_steps": 150},
+                                 optimizer={"weight_decay": 0.0},
+                                 lr_schedule={"type": "constant", "learning_rate": 3e-3, "warmup_steps": 5}))
+    result = train(job)
+    assert result.losses[-1] < 0.1 * result.losses[0], (result.losses[0], result.losses[-1])
+
+
+def test_yaml_errors_are_named(tmp_path, demo_data):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  model_config: {preset: tiny}\nrunner_config:\n  batch_sise: 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4: 'runner_config.batch_sise': unknown key; "
+                                          r"did you mean 'runner_config.batch_size'\?"):
+        load_job_config(str(path))
+    path.write_text("model:\n  model_config: {preset: tiny}\nrunner_config:\n  batch_size: two\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4: 'runner_config.batch_size' must be an integer"):
+        load_job_config(str(path))
+    path.write_text("runner_config:\n  batch_size: 2\n")
+    with pytest.raises(ConfigError, match=r"missing required key 'model'"):
+        load_job_config(str(path))
+    job = tiny_job(str(tmp_path / "nowhere"), str(tmp_path / "run"), 1024)
+    cfg = write_yaml(str(tmp_path / "job.yaml"), job)
+    proc = run_train(cfg, check=False)
+    assert proc.returncode == 2 and "train_dataset.data_dir" in proc.stderr and "does not exist" in proc.stderr
+    assert "compil" not in proc.stdout.lower()
+    proc = run_train(cfg, f"--train_dataset.data_dir={demo_data['data']}", "--load_checkpoint=/no/such/ckpt",
+                     check=False)
+    assert proc.returncode == 2 and "/no/such/ckpt" in proc.stderr
+    assert load_job_config(cfg, ["--runner_config.batch_size=8"]).runner_config.batch_size == 8
+    with pytest.raises(ConfigError, match="'model.model_config.n_layr': unknown key; did you mean"):
+        job_from_dict({**job, "model": {"model_config": {"preset": "tiny", "n_layr": 3}}}).model_config()
+    from telechat_ms.train.trainer import preflight
+    with pytest.raises(DataError):
+        preflight(job_from_dict(job))
