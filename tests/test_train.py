@@ -148,3 +148,42 @@ def test_yaml_errors_are_named(tmp_path, demo_data):
     from telechat_ms.train.trainer import preflight
     with pytest.raises(DataError):
         preflight(job_from_dict(job))
+
+
+def test_lora_trains_only_adapters_and_merges(demo_data, tmp_path, pynative_after):
+    import mindspore as ms
+    from telechat_ms.cli import main
+    from telechat_ms.model.lora import load_adapter
+    from telechat_ms.model.telechat import TeleChatForCausalLM
+    from telechat_ms.reference.random_checkpoint import tiny_config, write_random_hf_checkpoint
+    from telechat_ms.train.trainer import build_model, train
+    from telechat_ms.weights import hf_to_ms
+
+    base = str(tmp_path / "base")
+    write_random_hf_checkpoint(base, tiny_config(vocab_size=demo_data["vocab_size"]), seed=5)
+    job = job_from_dict(tiny_job(demo_data["data"], str(tmp_path / "run"), demo_data["vocab_size"],
+                                 load_checkpoint=base, model={"model_config": {},
+                                 "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["wq", "wk_v", "w2"]}},
+                                 runner_config={"batch_size": 4, "max_steps": 6},
+                                 lr_schedule={"type": "constant", "learning_rate": 1e-2, "warmup_steps": 0}))
+    model, trainable = build_model(job)
+    assert sorted(p.name.rsplit(".", 1)[-1] for p in trainable) == ["lora_a"] * 6 + ["lora_b"] * 6
+    result = train(job)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    saved = {e.name for e in checkpoint_entries(result.final_dir)}
+    assert saved == {p.name for p in trainable}  # adapters only
+    # the base weights did not move: train() left them as loaded
+    trained = TeleChatForCausalLM.from_pretrained(base)
+    load_adapter(trained, result.final_dir)
+    base_sd = {hf_to_ms(e.name): e.read() for e in checkpoint_entries(base)}
+    for p in trained.get_parameters():
+        if p.name in base_sd:
+            assert np.array_equal(p.asnumpy(), base_sd[p.name]), p.name
+    ids = ms.Tensor(np.arange(1, 25, dtype=np.int32).reshape(2, 12))
+    with_adapter = trained(ids).asnumpy()
+    plain = TeleChatForCausalLM.from_pretrained(base)(ids).asnumpy()
+    assert np.abs(with_adapter - plain).max() > 1e-4  # the adapters learned something
+    assert main(["lora", "merge", base, result.final_dir, str(tmp_path / "merged"), "--format", "hf"]) == 0
+    merged = TeleChatForCausalLM.from_pretrained(str(tmp_path / "merged"))(ids).asnumpy()
+    assert np.abs(merged - with_adapter).max() <= 1e-5
+    assert main(["convert", "hf2ms", str(tmp_path / "merged"), str(tmp_path / "merged_ms"), "--quiet"]) == 0

@@ -55,6 +55,13 @@ class LoRALinear(nn.Cell):
         return self.add(out, self.cast(delta, out.dtype))
 
 
+def _set_base_names(base: Linear, prefix: str) -> None:
+    """MindSpore renames parameters when a cell is re-attached; keep the checkpoint names."""
+    base.weight.name = f"{prefix}.weight"
+    if base.has_bias:
+        base.bias.name = f"{prefix}.bias"
+
+
 def _targets(model, target_modules: list[str]):
     for i, layer in enumerate(model.model.layers):
         for name in target_modules:
@@ -73,9 +80,7 @@ def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, target_modu
     for i, parent, name in _targets(model, targets):
         prefix = f"model.layers.{i}.{TARGETS[name]}.{name}"
         cell = getattr(parent, name)
-        cell.base.weight.name = f"{prefix}.weight"
-        if cell.base.has_bias:
-            cell.base.bias.name = f"{prefix}.bias"
+        _set_base_names(cell.base, prefix)
         cell.lora_a.name, cell.lora_b.name = f"{prefix}.lora_a", f"{prefix}.lora_b"
         names[cell.lora_a.name] = cell.lora_a
         names[cell.lora_b.name] = cell.lora_b
@@ -127,7 +132,7 @@ def load_adapter(model, path: str) -> None:
 
 def merge_lora(model) -> None:
     """Fold every adapter into its base weight (W += alpha/r * B A) and unwrap the layers."""
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
         for name, parent_name in TARGETS.items():
             parent = getattr(layer, parent_name)
             cell = getattr(parent, name)
@@ -138,6 +143,7 @@ def merge_lora(model) -> None:
             delta = cell.scaling * (cell.lora_b.asnumpy() @ cell.lora_a.asnumpy())
             base.weight.set_data(ms.Tensor((w + delta).astype(np.float32), dtype=base.weight.dtype))
             setattr(parent, name, base)
+            _set_base_names(base, f"model.layers.{i}.{parent_name}.{name}")
     for param in model.get_parameters():
         param.requires_grad = True
     model.lora_config = None
