@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m telechat_ms.demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/convert_bench.py
+	for b in benchmarks/*_bench.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) demo_out runs
+	rm -rf $(VENV) demo_out runs output rank_0 msrun_log
