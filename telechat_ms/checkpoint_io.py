@@ -52,14 +52,25 @@ def _f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(x), np.uint16(0x7FC0), rounded).astype(np.uint16)
 
 
+_CHUNK = 1 << 22  # elements converted at a time: bounds the temporaries to a few tens of MB
+
+
 def convert_dtype(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
-    """Convert an array stored as `src` into storage of `dst` (bf16 = uint16 bits). Same dtype: returned as is."""
+    """Convert an array stored as `src` into storage of `dst` (bf16 = uint16 bits). Same dtype: returned as is.
+
+    Works chunk by chunk into a preallocated output, so peak memory is the input + the output + a constant.
+    """
     if src == dst:
         return arr
     if src not in FLOAT_DTYPES or dst not in FLOAT_DTYPES:
         raise CheckpointError(f"cannot convert {src} to {dst}: only float32/float16/bfloat16 weights convert")
-    f32 = _bf16_bits_to_f32(arr) if src == "bfloat16" else arr.astype(np.float32)
-    return _f32_to_bf16_bits(f32) if dst == "bfloat16" else f32.astype(STORAGE[dst])
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    out = np.empty(flat.shape, dtype=STORAGE[dst])
+    for start in range(0, flat.size, _CHUNK):
+        part = flat[start:start + _CHUNK]
+        f32 = _bf16_bits_to_f32(part) if src == "bfloat16" else part.astype(np.float32)
+        out[start:start + _CHUNK] = _f32_to_bf16_bits(f32) if dst == "bfloat16" else f32
+    return out.reshape(arr.shape)
 
 
 def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
@@ -67,6 +78,15 @@ def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class ByteRange:
+    """Bytes [offset, offset + nbytes) of a file: a tensor that can be copied without decoding it."""
+
+    path: str
+    offset: int
+    nbytes: int
+
+
 @dataclass
 class TensorEntry:
     """One tensor of a checkpoint: where it lives and how to read it (without reading it yet)."""
@@ -76,6 +96,7 @@ class TensorEntry:
     dtype: str
     file: str
     read: Callable[[], np.ndarray]
+    raw: ByteRange | None = None   # set when the stored bytes are the tensor in C order (safetensors)
 
     @property
     def nbytes(self) -> int:
@@ -132,8 +153,32 @@ def safetensors_entries(path: str) -> list[TensorEntry]:
                     raise CheckpointError(f"{path}: truncated while reading tensor data")
             return np.frombuffer(buf, dtype=storage).reshape(shape)
 
-        entries.append(TensorEntry(name, shape, ours, path, read))
+        entries.append(TensorEntry(name, shape, ours, path, read, ByteRange(path, start + begin, end - begin)))
     return entries
+
+
+def copy_range(src: ByteRange, out) -> None:
+    """Append src's bytes to the open file `out`: in-kernel (copy_file_range) where possible, else chunked."""
+    out.flush()
+    done = 0
+    with open(src.path, "rb") as fh:
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < src.nbytes:
+                    n = os.copy_file_range(fh.fileno(), out.fileno(), src.nbytes - done, src.offset + done)
+                    if n == 0:
+                        break
+                    done += n
+            except OSError:
+                pass  # e.g. across file systems that refuse it: fall through to plain copying
+        out.seek(0, os.SEEK_END)
+        fh.seek(src.offset + done)
+        while done < src.nbytes:
+            chunk = fh.read(min(64 << 20, src.nbytes - done))
+            if not chunk:
+                raise CheckpointError(f"{src.path}: truncated while copying tensor data")
+            out.write(chunk)
+            done += len(chunk)
 
 
 _TORCH_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16",
@@ -286,8 +331,8 @@ def write_sharded_safetensors(out_dir: str, specs: list[tuple[str, tuple[int, ..
                               prefix: str = "model", progress=None) -> dict:
     """Stream tensors into shards `prefix-0000k-of-0000n.safetensors` (+ index when n > 1); returns the index.
 
-    `produce(i)` returns the storage array of specs[i]; it is called once per tensor, in order, so only one
-    tensor is held in memory at a time.
+    `produce(i)` returns the storage array of specs[i], or a ByteRange to copy as is; it is called once per
+    tensor, in order, so at most one tensor is held in memory at a time.
     """
     shards = plan_shards(specs, max_shard_bytes)
     n = len(shards)
@@ -300,7 +345,18 @@ def write_sharded_safetensors(out_dir: str, specs: list[tuple[str, tuple[int, ..
             fh.write(_header_bytes(shard_specs, None))
             for i in members:
                 name, shape, dtype = specs[i]
-                arr = np.ascontiguousarray(produce(i))
+                data = produce(i)
+                if isinstance(data, ByteRange):
+                    if data.nbytes != numel(shape) * itemsize(dtype):
+                        raise CheckpointError(f"tensor '{name}': {data.nbytes} source bytes, planned "
+                                              f"{dtype}{list(shape)}")
+                    copy_range(data, fh)
+                    weight_map[name] = fname
+                    total += data.nbytes
+                    if progress is not None:
+                        progress.update(data.nbytes)
+                    continue
+                arr = np.ascontiguousarray(data)
                 if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(STORAGE[dtype]):
                     raise CheckpointError(f"tensor '{name}': produced {arr.dtype}{list(arr.shape)}, "
                                           f"planned {dtype}{list(shape)}")

@@ -176,8 +176,10 @@ def convert_checkpoint(src: str, dst: str, target: str, dtype: str | None = None
     out_names = names if target == "hf" else [hf_to_ms(n) for n in names]
     specs = [(out, entries[n].shape, dtype or entries[n].dtype) for n, out in zip(names, out_names)]
 
-    def produce(i: int) -> np.ndarray:
+    def produce(i: int):
         e = entries[names[i]]
+        if e.raw is not None and e.dtype == specs[i][2]:
+            return e.raw  # same dtype: copy the bytes file to file, never through Python memory
         return convert_dtype(e.read(), e.dtype, specs[i][2])
 
     total = sum(numel(s) * itemsize(d) for _, s, d in specs)

@@ -210,20 +210,24 @@ def test_unwritable_output_and_existing_output(tiny_gqa_ckpt, tmp_path, capsys):
     assert (existing / "keep.txt").read_text() == "precious"
 
 
-def test_crash_mid_write_leaves_no_output(tiny_gqa_ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_crash_mid_write_leaves_no_output(tiny_gqa_ckpt, tmp_path, monkeypatch, dtype):
+    import telechat_ms.checkpoint_io as cio
     import telechat_ms.weights as weights
     calls = {"n": 0}
-    real = weights.convert_dtype
 
-    def failing(*args):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise OSError("disk full")
-        return real(*args)
+    def failing(real):
+        def inner(*args):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise OSError("disk full")
+            return real(*args)
+        return inner
 
-    monkeypatch.setattr(weights, "convert_dtype", failing)
+    monkeypatch.setattr(cio, "copy_range", failing(cio.copy_range))          # same-dtype path: byte copies
+    monkeypatch.setattr(weights, "convert_dtype", failing(weights.convert_dtype))  # converting path
     with pytest.raises(OSError, match="disk full"):
-        convert_checkpoint(tiny_gqa_ckpt, str(tmp_path / "out"), "ms", show_progress=False)
+        convert_checkpoint(tiny_gqa_ckpt, str(tmp_path / "out"), "ms", dtype=dtype, show_progress=False)
     assert _no_output(tmp_path)
 
 
