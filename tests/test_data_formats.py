@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from data_fixtures import SAMPLE, SFT_FILES, require_shared, rewrite_mix, sample_lines
+from tests.data_fixtures import SAMPLE, SFT_FILES, require_shared, rewrite_mix, sample_lines
 from telechat_ms.data import load_mix, parse_line, render_training_text, select_indices
 from telechat_ms.errors import DataError
 
@@ -30,8 +30,9 @@ def test_released_samples_render_as_system_plus_dialog():
     for name in SFT_FILES:
         for i, raw in enumerate(sample_lines(name, limit=30)):
             rec = json.loads(raw)
+            pairs = zip(rec["dialog"][::2], rec["dialog"][1::2])
             expected = "<_system>" + rec["system"] + "\n".join(
-                f"<_user>{u['content']}<_bot>{b['content']}<_end>" for u, b in zip(rec["dialog"][::2], rec["dialog"][1::2]))
+                f"<_user>{u['content']}<_bot>{b['content']}<_end>" for u, b in pairs)
             ex = parse_line(raw, f"{name}:{i + 1}")
             assert render_training_text(ex) == expected
             assert ex.is_tool == rec["tool"]
@@ -124,3 +125,16 @@ def test_weighted_selection_full_passes_plus_seeded_subset_without_replacement()
     assert select_indices(10, 1.0, 42, "a") == list(range(10))
     assert len(select_indices(10, 0.04, 42, "a")) == 0 and len(select_indices(10, 0.05, 42, "a")) == 1
     assert sorted(select_indices(50, 0.999, 1, "k")) == list(range(50))
+
+
+def test_shipped_demo_data_is_what_the_generator_writes(tmp_path):
+    from telechat_ms.data.demo_gen import OUT_DIR, generate
+    counts = generate(tmp_path)
+    assert counts["sft_demo.jsonl"] + counts["sft_demo_messages.jsonl"] >= 200
+    for path in sorted(tmp_path.iterdir()):
+        assert path.read_bytes() == (OUT_DIR / path.name).read_bytes(), path.name
+    kinds = {"tool": 0, "multi": 0, "single": 0}
+    for i, raw in enumerate((OUT_DIR / "sft_demo.jsonl").read_text(encoding="utf-8").splitlines()):
+        ex = parse_line(raw, f"sft_demo.jsonl:{i + 1}")
+        kinds["tool" if ex.is_tool else "single" if ex.packable else "multi"] += 1
+    assert min(kinds.values()) >= 20, kinds

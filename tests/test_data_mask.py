@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from data_fixtures import SFT_FILES, real_tok, sample_lines  # noqa: F401
-from telechat_ms.data import encode_example, loss_mask, parse_line
+from tests.data_fixtures import SFT_FILES, real_tok, sample_lines  # noqa: F401
+from telechat_ms.data import encode_example, loss_mask, parse_line, render_training_text
 
 
 def supervised_spans(tok, ids, mask) -> list[str]:
@@ -28,7 +28,9 @@ def test_supervised_tokens_are_exactly_the_answers(real_tok, mode):
     for name in SFT_FILES:
         for i, raw in enumerate(sample_lines(name, limit=25)):
             rec = json.loads(raw)
-            enc = encode_example(parse_line(raw, f"{name}:{i + 1}"), real_tok, mode)
+            ex = parse_line(raw, f"{name}:{i + 1}")
+            enc = encode_example(ex, real_tok, mode)
+            assert enc.ids.tolist() == real_tok.encode(render_training_text(ex))  # prefix memo changes nothing
             answers = [t["content"] for t in rec["dialog"] if t["role"] == "bot"]
             if mode == "released":
                 expected = [s for a in answers for s in ("<_user>", f"<_bot>{a}<_end>")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_fixtures import demo_tok, demo_tok_dir  # noqa: F401
+from tests.data_fixtures import demo_tok, demo_tok_dir  # noqa: F401
 from telechat_ms.data import (PackOptions, encode_example, materialize, parse_record, plan_sequences,
                               render_training_text, sample_boundaries)
 

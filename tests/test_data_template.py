@@ -13,8 +13,9 @@ TOOLS_TAIL = ("</tools>\n\n# 调用方法\n你需要遵循工具的要求，使�
               "下方是一个调用模板：\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
               "</tool_call>\n\n")
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "查询天气",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "查询天气",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 CALC = {"name": "calc", "parameters": {"expr": "string"}}
 WEATHER_JSON = ('{"type": "function", "function": {"name": "get_weather", "description": "查询天气", '
                 '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}')
@@ -36,7 +37,8 @@ def test_single_turn_with_system():
 def test_multi_turn_bot_alias_and_generation_prompt():
     msgs = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q1"},
             {"role": "bot", "content": "A1"}, {"role": "user", "content": "Q2"}]
-    assert apply_chat_template(msgs, add_generation_prompt=True) == "<_system>SYS\n<_user>Q1<_bot>A1<_end>\n<_user>Q2<_bot>"
+    assert apply_chat_template(msgs, add_generation_prompt=True) == (
+        "<_system>SYS\n<_user>Q1<_bot>A1<_end>\n<_user>Q2<_bot>")
     full = msgs + [{"role": "assistant", "content": "A2"}]
     assert apply_chat_template(full) == "<_system>SYS\n<_user>Q1<_bot>A1<_end>\n<_user>Q2<_bot>A2<_end>\n"
 

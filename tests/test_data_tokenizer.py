@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from data_fixtures import REAL_TOKENIZER, SFT_FILES, demo_tok, demo_tok_dir, real_tok, sample_lines  # noqa: F401
+from tests.data_fixtures import REAL_TOKENIZER, SFT_FILES, demo_tok, demo_tok_dir, real_tok, sample_lines  # noqa: F401
 from telechat_ms.data import TeleChatTokenizer, apply_chat_template, parse_line
 from telechat_ms.data.render import render_training_text
 from telechat_ms.errors import DataError
@@ -81,6 +81,8 @@ def test_piece_access_and_hf_style_call(real_tok):
     assert real_tok.convert_ids_to_tokens(2) == "<_end>"
     with pytest.raises(DataError):
         real_tok.id_to_piece(131072)
+    with pytest.raises(DataError, match="out of range"):
+        real_tok.decode([5, 131072])
 
 
 def test_load_from_directory_and_save_pretrained(real_tok, tmp_path):

@@ -16,7 +16,7 @@ def to_json(obj: Any) -> str:
 
 def normalize_tool_call(call: Mapping[str, Any]) -> tuple[str, str]:
     """Return (name, arguments JSON text) of a {name, arguments} or OpenAI {function: {...}} tool call."""
-    if not isinstance(call, Mapping):
+    if type(call) is not dict and not isinstance(call, Mapping):
         raise ValueError(f"tool call must be an object, got {type(call).__name__}")
     if "function" in call and isinstance(call["function"], Mapping):
         call = call["function"]
@@ -44,7 +44,7 @@ def render_system(system: str | None, tools: Sequence[Any] | None = None) -> str
 
 def _role(message: Mapping[str, Any], index: int) -> str:
     """Canonical role of message `index` (assistant for 'bot'); ValueError names the message."""
-    if not isinstance(message, Mapping):
+    if type(message) is not dict and not isinstance(message, Mapping):  # dict first: abc checks are slow
         raise ValueError(f"messages[{index}]: expected an object, got {type(message).__name__}")
     role = ROLE_ALIASES.get(message.get("role"))  # type: ignore[arg-type]
     if role is None:
@@ -65,7 +65,7 @@ def _content(message: Mapping[str, Any], index: int, required: bool = True) -> s
 
 def render_messages(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None) -> list[str]:
     """Render messages into parts [system block, turn 1, turn 2, ...]; joined they are the template's text."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+    if type(messages) is not list and (isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence)):
         raise ValueError("messages must be a list of {role, content} objects")
     roles = [_role(m, i) for i, m in enumerate(messages)]
     system = None
@@ -80,7 +80,7 @@ def render_messages(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] 
             parts.append(st.USER + _content(message, i))
         elif role == "assistant":
             calls = message.get("tool_calls") or []
-            if not isinstance(calls, Sequence) or isinstance(calls, (str, bytes)):
+            if type(calls) is not list and (not isinstance(calls, Sequence) or isinstance(calls, (str, bytes))):
                 raise ValueError(f"messages[{i}].tool_calls: expected a list")
             try:
                 rendered_calls = "\n".join(render_tool_call(c) for c in calls)

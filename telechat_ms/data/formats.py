@@ -51,9 +51,10 @@ def _check_text(value: Any, where: str, name: str) -> str:
     """A string field free of reserved control strings (they would corrupt roles and loss masks)."""
     if not isinstance(value, str):
         raise _fail(where, f"{name}: expected a string, got {type(value).__name__}")
-    for tok in st.SPECIAL_TOKENS:
-        if tok in value:
-            raise _fail(where, f"{name}: contains the reserved token {tok!r}")
+    if "<_" in value:  # cheap pre-check: every special token starts with "<_"
+        for tok in st.SPECIAL_TOKENS:
+            if tok in value:
+                raise _fail(where, f"{name}: contains the reserved token {tok!r}")
     return value
 
 
@@ -84,7 +85,7 @@ def _parse_released(record: Mapping[str, Any], where: str) -> Example:
     messages = _system_message(record.get("system"), where)
     for i, turn in enumerate(dialog):
         name = f"dialog[{i}]"
-        if not isinstance(turn, Mapping):
+        if not isinstance(turn, dict):
             raise _fail(where, f"{name}: expected an object")
         for key in ("role", "content"):
             if key not in turn:
@@ -119,7 +120,7 @@ def _parse_messages(record: Mapping[str, Any], where: str) -> Example:
     messages: list[dict[str, Any]] = []
     for i, msg in enumerate(raw):
         name = f"messages[{i}]"
-        if not isinstance(msg, Mapping):
+        if not isinstance(msg, dict):
             raise _fail(where, f"{name}: expected an object")
         if "role" not in msg:
             raise _fail(where, f"{name}: missing field 'role'")
@@ -167,7 +168,7 @@ def _parse_input_output(record: Mapping[str, Any], where: str) -> Example:
 
 def parse_record(record: Any, where: str, task: str = "sft") -> Example:
     """Validate one decoded JSON record for `task`; DataError names `where` (file:line) and the field."""
-    if not isinstance(record, Mapping):
+    if not isinstance(record, dict):
         raise _fail(where, f"expected a JSON object, got {type(record).__name__}")
     if task == "pretrain":
         if "text" not in record:

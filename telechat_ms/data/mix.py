@@ -60,7 +60,7 @@ def _file_seed(seed: int, key: str) -> list[int]:
 def select_indices(n: int, weight: float, seed: int, key: str) -> list[int]:
     """floor(w) full passes over n records, then round(frac(w) * n) distinct records chosen with the seed."""
     whole = int(math.floor(weight))
-    extra = int(round((weight - whole) * n))
+    extra = int(math.floor((weight - whole) * n + 0.5))  # half rounds up, not to even
     indices = list(range(n)) * whole
     if extra:
         rng = np.random.default_rng(_file_seed(seed, key))

@@ -52,9 +52,9 @@ class _Bin:
     length: int = 0
 
 
-def _cost(item: Encoded, first: bool, opts: PackOptions) -> int:
-    """Tokens an example adds to a bin: the system prefix and separator are shared unless attention is blocked."""
-    if first or not item.is_chat or not opts.cross_attention:
+def _added_cost(item: Encoded, opts: PackOptions) -> int:
+    """Tokens an example adds to a non-empty bin: it shares the system prefix unless attention is blocked."""
+    if not item.is_chat or not opts.cross_attention:
         return len(item)
     return len(opts.sep_ids) + len(item) - item.prefix_len
 
@@ -87,8 +87,8 @@ def plan_sequences(items: Sequence[Encoded], order: Sequence[int],
             continue
         key = (item.is_chat, item.ids[:item.prefix_len].tobytes())
         bins = open_bins.setdefault(key, [])
+        extra = _added_cost(item, opts)
         for b in bins:
-            extra = _cost(item, False, opts)
             if b.length + extra <= limit:
                 b.items.append(idx)
                 b.length += extra

@@ -10,7 +10,7 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -26,6 +26,7 @@ from telechat_ms.errors import DataError
 from telechat_ms.io import atomic_output_dir, atomic_write_text
 
 MANIFEST = "manifest.json"
+SKIPPED_FILE = "skipped_lines.txt"
 MANIFEST_FORMAT = "telechat_ms.process_data/1"
 ON_ERROR = ("skip", "fail")
 _CHUNK_LINES = 128
@@ -123,12 +124,21 @@ def _count_lines(paths: list[str], limit: int | None) -> int:
     return total
 
 
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """fork (instant start) while no MindSpore threads exist in this process; spawn (safe, ~1 s start) otherwise."""
+    if sys.platform.startswith("linux") and "mindspore" not in sys.modules:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
 # ---- pipeline ------------------------------------------------------------------------------------
 @dataclass
 class _Collected:
+    """Per input file: valid encoded examples in line order, lines read, bad-line messages."""
+
     items: list[list[Encoded]]
     read: list[int]
-    errors: list[list[str]] = field(default_factory=list)
+    errors: list[list[str]]
 
 
 def _tokenize_all(opts: ProcessOptions, tokenizer: TeleChatTokenizer, paths: list[str],
@@ -136,17 +146,16 @@ def _tokenize_all(opts: ProcessOptions, tokenizer: TeleChatTokenizer, paths: lis
     """Run the workers over every file; keep valid examples per file in line order, report bad lines."""
     got = _Collected([[] for _ in paths], [0] * len(paths), [[] for _ in paths])
     chunks = _read_chunks(paths, opts.max_records_per_file)
-    bar = tqdm(total=_count_lines(paths, opts.max_records_per_file), desc="tokenize", unit="rec",
-               disable=not opts.progress, file=sys.stderr)
     pool = None
-    if opts.num_workers > 1:
-        ctx = multiprocessing.get_context("spawn")  # fork is unsafe once MindSpore threads exist
-        pool = ctx.Pool(opts.num_workers, initializer=_init_worker,
-                        initargs=(tokenizer, opts.task, opts.loss_mask))
+    if opts.num_workers > 1:  # before the progress bar starts its monitor thread
+        pool = _mp_context().Pool(opts.num_workers, initializer=_init_worker,
+                                  initargs=(tokenizer, opts.task, opts.loss_mask))
         results = pool.imap(_encode_chunk, chunks)
     else:
         _init_worker(tokenizer, opts.task, opts.loss_mask)
         results = map(_encode_chunk, chunks)
+    bar = tqdm(total=_count_lines(paths, opts.max_records_per_file), desc="tokenize", unit="rec",
+               disable=not opts.progress, file=sys.stderr)
     shown = 0
     try:
         for file_idx, out in results:
@@ -169,7 +178,7 @@ def _tokenize_all(opts: ProcessOptions, tokenizer: TeleChatTokenizer, paths: lis
             pool.join()
     n_errors = sum(len(e) for e in got.errors)
     if n_errors > shown:
-        log(f"... and {n_errors - shown} more bad lines skipped (all listed in {MANIFEST} counts per file)")
+        log(f"... and {n_errors - shown} more bad lines skipped (all of them are listed in {SKIPPED_FILE})")
     return got
 
 
@@ -208,9 +217,9 @@ def process_data(opts: ProcessOptions, log: Callable[[str], None] | None = None)
     pack_opts = PackOptions(opts.max_seq_len, opts.overlong, opts.pad_side, opts.cross_attention, opts.pack,
                             tuple(tokenizer.encode_plain("\n")))
     plans, pstats = plan_sequences(items, order_arr.tolist(), pack_opts)
-    perm = np.random.default_rng([opts.seed, 1]).permutation(len(plans))
     if not plans:
         raise DataError(f"{opts.data_mix}: no usable records (every record was skipped or dropped)")
+    perm = np.random.default_rng([opts.seed, 1]).permutation(len(plans))
     timings["pack"] = time.perf_counter() - start - timings["tokenize"]
 
     totals = {"tokens": 0, "supervised": 0}
@@ -256,6 +265,9 @@ def process_data(opts: ProcessOptions, log: Callable[[str], None] | None = None)
             "first_errors": [e for per_file in got.errors for e in per_file][:20],
         }
         atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+        if summary["records_skipped"]:
+            atomic_write_text(os.path.join(tmp, SKIPPED_FILE),
+                              "".join(e + "\n" for per_file in got.errors for e in per_file))
     timings["write"] = time.perf_counter() - start - timings["tokenize"] - timings["pack"]
     summary["seconds"] = {k: round(v, 3) for k, v in timings.items()}
     return summary
@@ -270,4 +282,5 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"({s['dropped_overlong']} over-long, {s['dropped_no_target']} without supervised tokens)",
         f"sequences: {s['sequences']} ({s['packed_records']} records packed with others)",
         f"tokens: {s['tokens']}, supervised: {s['supervised_tokens']}, padding ratio: {s['padding_ratio']:.2%}",
+        "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in s.get("seconds", {}).items()),
     ])

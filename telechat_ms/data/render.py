@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from telechat_ms.data import special_tokens as st
-from telechat_ms.data.chat_template import apply_chat_template
+from telechat_ms.data.chat_template import render_messages
 from telechat_ms.data.formats import Example
 from telechat_ms.data.tokenizer import TeleChatTokenizer
 
@@ -30,11 +30,20 @@ class Encoded:
         return int(self.ids.shape[0])
 
 
+def render_training_parts(example: Example) -> tuple[str, str]:
+    """(system block, turns) of a conversation as the template renders it, minus the `\\n` after the last <_end>.
+
+    The turns always start with a control token, so encoding the two parts separately equals encoding the whole.
+    """
+    parts = render_messages(example.messages, tools=example.tools)
+    turns = "".join(parts[1:])
+    suffix = st.END + "\n"
+    return parts[0], turns[:-1] if turns.endswith(suffix) else turns
+
+
 def render_training_text(example: Example) -> str:
     """The template's text of a full conversation, minus the `\\n` after the last <_end> (no BOS)."""
-    text = apply_chat_template(example.messages, tools=example.tools)
-    suffix = st.END + "\n"
-    return text[:-1] if text.endswith(suffix) else text
+    return "".join(render_training_parts(example))
 
 
 def loss_mask(ids: np.ndarray, mode: str = "released") -> np.ndarray:
@@ -58,10 +67,10 @@ def encode_example(example: Example, tokenizer: TeleChatTokenizer, mode: str = "
     if not example.is_chat:
         ids = np.asarray(tokenizer.encode(example.text) + [st.EOS_ID], dtype=np.int32)
         return Encoded(ids, np.ones(ids.shape[0], dtype=bool), 0, True, example.where, is_chat=False)
-    ids = np.asarray(tokenizer.encode(render_training_text(example)), dtype=np.int32)
-    first_user = np.flatnonzero(ids == st.USER_ID)
-    prefix_len = int(first_user[0]) if first_user.size else 0
-    return Encoded(ids, loss_mask(ids, mode), prefix_len, example.packable, example.where)
+    system, turns = render_training_parts(example)
+    prefix = tokenizer.encode_memo(system)
+    ids = np.asarray(prefix + tokenizer.encode(turns), dtype=np.int32)
+    return Encoded(ids, loss_mask(ids, mode), len(prefix), example.packable, example.where)
 
 
 def labels_from_mask(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

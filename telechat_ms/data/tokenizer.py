@@ -16,6 +16,7 @@ from telechat_ms.io import atomic_write_text
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+_MEMO_SIZE = 256
 
 # Longest alternative first is unnecessary (no token is a prefix of another), but keep the order stable.
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in st.SPECIAL_TOKENS) + ")")
@@ -65,8 +66,8 @@ class TeleChatTokenizer:
             piece = self.sp.id_to_piece(idx) if idx < n else None
             if piece != tok:
                 raise DataError(f"{self.model_file}: id {idx} must be the special token {tok!r}, found {piece!r}")
-        self._special_of_id = {i: self.sp.id_to_piece(i) for i in range(n)
-                               if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        self._special_of_id: dict[int, str | None] = {}  # filled lazily: scanning 131072 pieces costs ~0.3 s
+        self._memo: dict[str, list[int]] = {}
 
     def __getstate__(self) -> dict:
         """Pickle the model bytes, not the C++ processor (for multiprocessing workers)."""
@@ -121,6 +122,15 @@ class TeleChatTokenizer:
                 ids.append(special)
         return ids
 
+    def encode_memo(self, text: str) -> list[int]:
+        """encode() remembering recent results: system prompts repeat across most records of a dataset."""
+        ids = self._memo.get(text)
+        if ids is None:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            ids = self._memo[text] = self.encode(text)
+        return list(ids)
+
     def encode_plain(self, text: str) -> list[int]:
         """Encode one segment with SentencePiece only (special strings stay text); the raw building block."""
         return self.sp.encode(text) if text else []
@@ -136,7 +146,7 @@ class TeleChatTokenizer:
         run: list[int] = []
         for i in ids:
             i = int(i)
-            special = self._special_of_id.get(i)
+            special = self._special_piece(i)
             if special is None:
                 run.append(i)
                 continue
@@ -148,6 +158,19 @@ class TeleChatTokenizer:
         if run:
             out.append(self.sp.decode(run))
         return "".join(out)
+
+    def _special_piece(self, idx: int) -> str | None:
+        """The piece string of a control/unknown id, None for ordinary ids (memoised)."""
+        try:
+            return self._special_of_id[idx]
+        except KeyError:
+            if not 0 <= idx < self.vocab_size:
+                raise DataError(f"token id {idx} out of range [0, {self.vocab_size})") from None
+            special = None
+            if self.sp.is_control(idx) or self.sp.is_unknown(idx):
+                special = self.sp.id_to_piece(idx)
+            self._special_of_id[idx] = special
+            return special
 
     def id_to_piece(self, idx: int) -> str:
         """The piece string of one id (e.g. '▁hello', '<0x0A>', '<_bot>')."""
@@ -169,7 +192,7 @@ class TeleChatTokenizer:
 
     def is_special(self, idx: int) -> bool:
         """True for control/unknown pieces (the ones SentencePiece never emits from plain text)."""
-        return int(idx) in self._special_of_id
+        return self._special_piece(int(idx)) is not None
 
     # ---- saving -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str) -> str:
