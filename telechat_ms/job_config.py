@@ -94,6 +94,7 @@ class RecomputeConfig:
     """What to recompute in the backward pass (MindFormers' recompute_config)."""
     recompute: bool | list = False           # full recompute of every layer (or a per-stage list of layer counts)
     select_recompute: bool | list = False    # selective: attention scores / softmax / activations only
+    select_comm_recompute: bool | list = False  # recompute norms + their sequence-parallel all-gather
     parallel_optimizer_comm_recompute: bool = False
     mp_comm_recompute: bool = True
     recompute_slice_activation: bool = False

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -187,3 +188,24 @@ def test_lora_trains_only_adapters_and_merges(demo_data, tmp_path, pynative_afte
     merged = TeleChatForCausalLM.from_pretrained(str(tmp_path / "merged"))(ids).asnumpy()
     assert np.abs(merged - with_adapter).max() <= 1e-5
     assert main(["convert", "hf2ms", str(tmp_path / "merged"), str(tmp_path / "merged_ms"), "--quiet"]) == 0
+
+
+def test_dynamic_loss_scale_skips_overflowing_steps(demo_data, tmp_path):
+    """An absurd initial loss scale overflows: those steps are skipped (no update), the scale drops, and
+    training carries on with finite losses, as fp16 training on Ascend needs."""
+    job = tiny_job(demo_data["data"], str(tmp_path / "run"), demo_data["vocab_size"],
+                   runner_config={"batch_size": 4, "max_steps": 6},
+                   runner_wrapper={"use_clip_grad": True, "max_grad_norm": 1.0, "loss_scale": "dynamic",
+                                   "loss_scale_value": 3.0e38, "scale_factor": 1.0e4, "scale_window": 1000})
+    proc = run_train(write_yaml(str(tmp_path / "job.yaml"), job))
+    assert "overflow, loss scale lowered to 3e+34" in proc.stdout
+    logged = losses(str(tmp_path / "run"))
+    assert 1 not in logged and len(logged) >= 4 and all(np.isfinite(list(logged.values())))
+    job["runner_wrapper"] = {"loss_scale": "none"}
+    job["lr_schedule"] = {"type": "constant", "learning_rate": 1.0e30}  # step 1 blows the weights up
+    proc = run_train(write_yaml(str(tmp_path / "nan.yaml"), {**job, "output_dir": str(tmp_path / "nan")}),
+                     check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert re.search(r"step 2: loss or gradient is not finite \(loss [-\d.e+naif]+, grad norm (nan|inf)",
+                     proc.stderr), proc.stderr[-500:]
+    assert "last good checkpoint is none" in proc.stderr

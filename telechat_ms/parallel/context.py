@@ -24,6 +24,19 @@ def launched_world_size() -> int:
     return int(os.environ.get("MS_WORKER_NUM", os.environ.get("RANK_SIZE", "1")))
 
 
+def check_data_parallel(job, size: int) -> None:
+    """data_parallel mode replicates the model: refuse model/pipeline/context parallel degrees or a dp mismatch."""
+    pc = job.parallel_config
+    for name in ("model_parallel", "pipeline_stage", "context_parallel"):
+        if getattr(pc, name) != 1:
+            raise ConfigError(f"{job.source}: 'parallel_config.{name}' is {getattr(pc, name)} but "
+                              "parallel.parallel_mode data_parallel cannot split the model; use semi_auto_parallel "
+                              "(Ascend)")
+    if pc.data_parallel not in (1, size):
+        raise ConfigError(f"{job.source}: 'parallel_config.data_parallel' is {pc.data_parallel} but {size} workers "
+                          "were launched")
+
+
 def setup_context(job) -> RunContext:
     """Apply job.context and job.parallel; initialise communication when more than one worker runs."""
     import mindspore as ms
@@ -51,7 +64,9 @@ def setup_context(job) -> RunContext:
     init()
     rank, size = get_rank(), get_group_size()
     if par.parallel_mode == "data_parallel":
-        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=False,
+        check_data_parallel(job, size)
+        ms.reset_auto_parallel_context()
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=par.gradients_mean,
                                      device_num=size)
     else:
         from telechat_ms.parallel.ascend import set_semi_auto_context

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -108,26 +107,31 @@ def train(job: JobConfig) -> TrainResult:
     from mindspore import Tensor
     from telechat_ms.parallel.context import setup_context
     from telechat_ms.train.loader import BatchLoader
-    from telechat_ms.train.step import (AccumulateStep, AllReduceSum, ApplyGrads, FinalizeGrads, LossSum,
-                                        ZeroGrads, make_buffers)
+    from telechat_ms.train.runner import AccumulatingRunner, SemiAutoRunner
 
     run = setup_context(job)
     runner = job.runner_config
-    loader = BatchLoader(job.train_dataset.data_dir, runner.batch_size, runner.gradient_accumulation_steps,
-                         rank=run.rank, world_size=run.world_size, seed=job.seed, shuffle=job.train_dataset.shuffle)
+    sharded = run.parallel_mode in ("semi_auto_parallel", "auto_parallel")
+    if sharded:  # full_batch: every rank reads the whole global batch (micro batch x dp) and the graph splits it
+        loader = BatchLoader(job.train_dataset.data_dir, runner.batch_size * job.parallel_config.data_parallel,
+                             runner.gradient_accumulation_steps, seed=job.seed, shuffle=job.train_dataset.shuffle)
+    else:
+        loader = BatchLoader(job.train_dataset.data_dir, runner.batch_size, runner.gradient_accumulation_steps,
+                             rank=run.rank, world_size=run.world_size, seed=job.seed,
+                             shuffle=job.train_dataset.shuffle)
     total_steps = runner.max_steps if runner.max_steps > 0 else loader.batches_per_epoch * runner.epochs
     model, trainable = build_model(job)
     optimizer = build_optimizer(job, trainable)
-    accu = make_buffers(trainable)
-    accumulate = AccumulateStep(LossSum(model), trainable, accu)
-    finalize = FinalizeGrads(accu, run.world_size)
-    apply = ApplyGrads(optimizer, accu)
-    zero_grads = ZeroGrads(accu)
-    all_reduce = AllReduceSum() if run.world_size > 1 else None
+    stepper = SemiAutoRunner(model, optimizer, job) if sharded else \
+        AccumulatingRunner(model, trainable, optimizer, run.world_size, job)
     positions = PositionCache(model)
 
     out_dir = job.output_dir
-    ckpt_root = os.path.join(out_dir, "checkpoints")
+    # Replicated weights (stand_alone, data_parallel): rank 0 writes one checkpoint. Sharded weights
+    # (semi_auto_parallel on Ascend): every rank writes its own slices under rank_<r>/, next to the strategy file
+    # MindSpore saves, the layout MindSpore's distributed checkpoint tools read.
+    ckpt_root = os.path.join(out_dir, "checkpoints", f"rank_{run.rank}") if sharded else \
+        os.path.join(out_dir, "checkpoints")
     model_params = {p.name: p for p in (trainable if job.model.lora is not None else model.get_parameters())}
     opt_params = {p.name: p for p in (*optimizer.exp_avg, *optimizer.exp_avg_sq)}
     opt_params["global_step"] = optimizer.global_step
@@ -157,26 +161,16 @@ def train(job: JobConfig) -> TrainResult:
         micro, tokens = loader.next_global_batch()
         lr = lr_at(step, job.lr_schedule, total_steps)
         optimizer.learning_rate.set_data(Tensor(np.float32(lr)))
-        scale_t = Tensor(np.float32(loss_scale))
-        loss_sum = 0.0
-        for batch in micro:
-            cos, sin, mask = positions(batch)
-            out = accumulate(Tensor(batch["input_ids"]), Tensor(batch["labels"]), cos, sin, mask, scale_t)
-            loss_sum += float(out.asnumpy())
-        if all_reduce is not None:
-            loss_sum = float(all_reduce(Tensor(np.float32(loss_sum))).asnumpy())
-        loss = loss_sum / loss_scale / max(tokens, 1)
-        norm = float(finalize(Tensor(np.float32(1.0 / (max(tokens, 1) * loss_scale)))).asnumpy())
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            if wrapper.loss_scale == "dynamic":  # fp16 overflow: skip the update, lower the scale
-                zero_grads()
+        outcome = stepper.run(micro, tokens, positions, loss_scale)
+        loss, norm = outcome.loss, outcome.grad_norm
+        if not outcome.finite:
+            if wrapper.loss_scale == "dynamic":  # fp16 overflow: the update was skipped; lower the scale
                 loss_scale = max(loss_scale / wrapper.scale_factor, 1.0)
                 logger.info(f"step {step + 1}: overflow, loss scale lowered to {loss_scale:g}")
                 continue
-            raise TrainingError(f"step {step + 1}: loss is {loss} (grad norm {norm}); training stopped. "
+            raise TrainingError(f"step {step + 1}: loss or gradient is not finite (loss {loss}, grad norm {norm}); "
+                                f"training stopped. "
                                 f"The last good checkpoint is {last_ckpt or 'none (no checkpoint saved yet)'}")
-        clip = min(1.0, wrapper.max_grad_norm / (norm + 1e-6)) if wrapper.use_clip_grad else 1.0
-        apply(Tensor(np.float32(clip)))
         if wrapper.loss_scale == "dynamic":
             good_steps += 1
             if good_steps % wrapper.scale_window == 0:
@@ -185,7 +179,7 @@ def train(job: JobConfig) -> TrainResult:
         logger.step(step + 1, loss=loss, lr=lr, grad_norm=norm, tokens=tokens, seconds=time.perf_counter() - t0)
         done = step + 1 == total_steps
         interval = job.callbacks.save_interval
-        if run.is_main and (done or (interval > 0 and (step + 1) % interval == 0)):
+        if (run.is_main or sharded) and (done or (interval > 0 and (step + 1) % interval == 0)):
             state = {"loader": loader.state_dict(), "loss_scale": loss_scale, "lr": lr, "world_size": run.world_size,
                      "rng": ms.get_rng_state().asnumpy().tolist()}
             last_ckpt = save_checkpoint(ckpt_root, step + 1, model_params, opt_params, state,
@@ -193,9 +187,9 @@ def train(job: JobConfig) -> TrainResult:
         if _fault("kill_after_step", step + 1):
             os._exit(137)  # simulated kill -9, for the resume tests
     result.checkpoint = last_ckpt
-    if run.is_main:
+    if run.is_main and not sharded:  # sharded runs end with per-rank checkpoints + the strategy file
         result.final_dir = _save_final(job, model, loader)
-        logger.close(loss_curve=job.callbacks.loss_curve)
+    logger.close(loss_curve=job.callbacks.loss_curve)
     return result
 
 

@@ -1,0 +1,69 @@
+"""`telechat-ms plan`: validate a parallel job against its launch and estimate memory before queueing it.
+
+Exit codes: 0 valid and fits; 1 invalid (the launchers refuse to start); 3 valid but estimated not to fit;
+2 unreadable config (raised as a TeleChatError and reported by telechat_ms.cli).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_INVALID = 1
+EXIT_OVER_MEMORY = 3
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Run the plan from parsed arguments; prints the report; returns an exit code."""
+    from telechat_ms.job_config import load_job_config
+    from telechat_ms.parallel.plan import Launch, format_plan, make_plan
+
+    job = load_job_config(args.config, overrides=args.override)
+    launch = Launch(nodes=args.nodes, npus_per_node=args.npus_per_node, workers=args.workers)
+    report = make_plan(job, launch, hbm_gb=args.hbm_gb, runtime_reserve_gb=args.runtime_reserve_gb, mfu=args.mfu,
+                       peak_tflops=args.peak_tflops)
+    print(format_plan(report))
+    if not report.valid:
+        print("telechat-ms plan: INVALID plan: fix the errors above before launching", file=sys.stderr)
+        return EXIT_INVALID
+    return 0 if report.fits else EXIT_OVER_MEMORY
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    """Add `plan` to a telechat-ms argparse subparsers object."""
+    p = subparsers.add_parser(
+        "plan", help="validate a parallel job YAML against its launch and estimate per-NPU memory",
+        description="Check world size, head/kv-head/ffn/vocab vs model_parallel, layers/offsets vs pipeline_stage, "
+                    "sequence vs context_parallel, micro batches and batch; estimate memory per pipeline stage, "
+                    "FLOPs and tokens/s. Exit 0 = valid and fits, 1 = invalid, 3 = valid but over memory.")
+    p.add_argument("--config", required=True, help="job YAML (e.g. yaml_configs/115b/finetune_telechat2_115b.yaml)")
+    p.add_argument("--nodes", type=int, default=None, help="nodes the launch uses (checked against the YAML)")
+    p.add_argument("--npus-per-node", type=int, default=8, help="NPUs per node (Atlas 800T A2: 8)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="total workers the launch starts (msrun worker_num); overrides --nodes")
+    p.add_argument("--hbm-gb", type=float, default=64.0, help="HBM per NPU in GiB (Atlas 800T A2: 64)")
+    p.add_argument("--runtime-reserve-gb", type=float, default=2.0,
+                   help="HBM kept for CANN runtime / HCCL buffers outside MindSpore's pool, when the YAML sets no "
+                        "max_device_memory")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation for the throughput line")
+    p.add_argument("--peak-tflops", type=float, default=313.0, help="peak bf16 TFLOPS per NPU (assumed)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="YAML override, e.g. --override parallel_config.model_parallel=4 (repeatable)")
+    p.set_defaults(func=_plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: python -m telechat_ms.parallel.cli plan --config X.yaml."""
+    from telechat_ms.errors import TeleChatError
+
+    parser = argparse.ArgumentParser(prog="telechat-ms")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except TeleChatError as exc:
+        print(f"telechat-ms plan: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

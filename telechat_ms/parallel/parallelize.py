@@ -1,0 +1,140 @@
+"""`parallelize(model, job)`: apply the whole parallel layout of a job to a TeleChatForCausalLM from one place.
+
+Shard strategies on every primitive, ring-attention flags on the flash-attention kernel, pipeline stage of
+each cell (with offsets and interleave), gradient fusion groups, and full / selective / communication
+recompute per layer. In stand_alone and data_parallel MindSpore ignores strategies and pipeline stages, so
+calling this on CPU is harmless; the trainer calls it only for semi_auto / auto parallel jobs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from telechat_ms.errors import ConfigError
+from telechat_ms.parallel.layout import ParallelDims, StageLayout, check_layout, per_stage_layers, stage_layout
+from telechat_ms.parallel.strategies import Shard, apply_strategies, strategy_table
+
+# Primitives recomputed by selective recompute (MindFormers' default patterns feed_forward.mul and the
+# SiLU, plus the attention-score ops when flash attention is off).
+SELECT_FFN = ("feed_forward.mul", "feed_forward.silu.silu")
+SELECT_ATTN = ("attention.tile_kv", "attention.qk_matmul", "attention.mul_scale", "attention.mask_add",
+               "attention.softmax", "attention.pv_matmul")
+
+
+@dataclass
+class AppliedParallel:
+    """What parallelize did, for logs, plans and tests."""
+
+    dims: ParallelDims
+    table: dict[str, Shard]
+    layout: StageLayout
+    full_recompute: set[int] = field(default_factory=set)
+    select_recompute: set[int] = field(default_factory=set)
+    comm_recompute: set[int] = field(default_factory=set)
+    ring_attention: bool = False
+
+
+def recompute_sets(job, layout: StageLayout, pp: int) -> tuple[set[int], set[int], set[int]]:
+    """(full, selective, communication) recompute layer ids from job.recompute_config."""
+    rc = job.recompute_config
+    full = per_stage_layers(rc.recompute, layout, pp, f"{job.source}: recompute_config.recompute")
+    select = per_stage_layers(rc.select_recompute, layout, pp, f"{job.source}: recompute_config.select_recompute")
+    comm = per_stage_layers(getattr(rc, "select_comm_recompute", False), layout, pp,
+                            f"{job.source}: recompute_config.select_comm_recompute")
+    return full, select - full, comm - full
+
+
+def job_layout(job) -> tuple[ParallelDims, StageLayout]:
+    """Degrees and stage layout of a job, raising ConfigError for a layout the model cannot take."""
+    cfg = job.model_config()
+    dims = ParallelDims.from_job(job)
+    if dims.interleave > 1 and not job.parallel.pipeline_interleave:
+        raise ConfigError(f"{job.source}: parallel_config.pp_interleave_num {dims.interleave} needs "
+                          "parallel.pipeline_interleave: true")
+    seq = job.runner_config.seq_length or cfg.seq_length
+    errors = [i for i in check_layout(cfg, dims, seq) if i.level == "error"]
+    if errors:
+        raise ConfigError(f"{job.source}: " + "; ".join(f"{i.field}: {i.message}" for i in errors))
+    layout = stage_layout(cfg.n_layer, dims.pp, dims.interleave, job.model.pipeline_offset or None,
+                          where=f"{job.source}: model.pipeline_offset")
+    return dims, layout
+
+
+def _comm_fusion(model, dims: ParallelDims, group: int) -> None:
+    """Gradient all-reduce fusion groups, as MindFormers sets them."""
+    layers = model.model.layers
+    dis = max(int((len(layers) + 1) / group), 1)
+    for i, layer in enumerate(layers):
+        layer.set_comm_fusion(2 if dims.pp > 1 else int(i / dis) + 1)
+    for cell in (model.model.tok_embeddings, model.model.norm_out):
+        cell.set_comm_fusion(2 if dims.pp > 1 else group)
+
+
+def _pipeline_stages(model, dims: ParallelDims, layout: StageLayout) -> None:
+    """Stage of every cell: embedding on 0, layers per layout, final norm and lm_head on the last stage."""
+    if dims.pp == 1:
+        return
+    inner = model.model
+    inner.tok_embeddings.pipeline_stage = 0
+    if getattr(inner, "embed_layernorm", False):
+        inner.word_embeddings_layernorm.pipeline_stage = 0
+    for layer, stage in zip(inner.layers, layout.stage_of):
+        layer.pipeline_stage = stage
+    inner.norm_out.pipeline_stage = dims.pp - 1
+    model.lm_head.pipeline_stage = dims.pp - 1
+
+
+def _norm_tail(norm):
+    """The primitive whose output a sequence-parallel all-gather follows (for communication recompute)."""
+    return norm.norm if not getattr(norm, "self_define", True) else norm.mul2
+
+
+def _recompute(model, job, full: set[int], select: set[int], comm: set[int], flash: bool) -> None:
+    """Full recompute of whole layers, selective recompute of primitives, comm recompute of norm all-gathers."""
+    rc = job.recompute_config
+    for i, layer in enumerate(model.model.layers):
+        if i in full:
+            layer.recompute(mp_comm_recompute=rc.mp_comm_recompute,
+                            parallel_optimizer_comm_recompute=rc.parallel_optimizer_comm_recompute,
+                            recompute_slice_activation=rc.recompute_slice_activation)
+            continue
+        if i in select:
+            for path in SELECT_FFN + (() if flash else SELECT_ATTN):
+                prim = layer
+                for part in path.split("."):
+                    prim = getattr(prim, part)
+                prim.recompute()
+        if i in comm:
+            for norm in (layer.attention_norm, layer.ffn_norm):
+                _norm_tail(norm).add_prim_attr("recompute_comm_op", True)
+
+
+def _ring_attention(model, dims: ParallelDims) -> bool:
+    """Turn on MindSpore's ring attention in every flash-attention kernel when cp has a ring part."""
+    if dims.cp_ring == 1:
+        return False
+    for layer in model.model.layers:
+        fa = layer.attention.flash_attention
+        fa.use_ring_attention = True
+        fa.flash_attention.add_prim_attr("enable_ring_attention", True)
+        fa.flash_attention.add_prim_attr("enable_ra_send_recv", True)
+    return True
+
+
+def parallelize(model, job, batched_inputs: bool = True) -> AppliedParallel:
+    """Apply the job's parallel layout to `model` (a freshly built TeleChatForCausalLM); returns what was done.
+
+    batched_inputs: the rope tables and mask come per sample ([B, 1, S, d], [B, 1, S, S]) as the trainer feeds
+    them; False for shared [S, d] tables and a [1, 1, S, S] mask.
+    """
+    cfg = model.config
+    dims, layout = job_layout(job)
+    fused = not getattr(model.model.norm_out, "self_define", True)
+    table = strategy_table(cfg, dims, fused_norm=fused, batched_inputs=batched_inputs)
+    apply_strategies(model, table)
+    ring = _ring_attention(model, dims) if cfg.use_flash_attention else False
+    _pipeline_stages(model, dims, layout)
+    _comm_fusion(model, dims, job.parallel_config.gradient_aggregation_group)
+    full, select, comm = recompute_sets(job, layout, dims.pp)
+    _recompute(model, job, full, select, comm, cfg.use_flash_attention)
+    return AppliedParallel(dims=dims, table=table, layout=layout, full_recompute=full, select_recompute=select,
+                           comm_recompute=comm, ring_attention=ring)

@@ -1,0 +1,212 @@
+"""`telechat-ms plan`: is a parallel job valid for its launch, and does it fit? Checked before a job is queued.
+
+Validates the world size against the launch, heads / kv heads / ffn / vocab against mp, layers and offsets
+against pp (and interleave), sequence against cp (and sp), micro batches against pp, the global batch, and the
+CPU / Ascend switches; then estimates per-NPU memory per pipeline stage (formulas in memory.py, printed) and
+per-step FLOPs, and predicts tokens/s per NPU for an assumed MFU. Needs no dataset and no MindSpore.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from telechat_ms.errors import ConfigError
+from telechat_ms.parallel.layout import Issue, ParallelDims, StageLayout, check_layout, stage_layout
+from telechat_ms.parallel.memory import (FORMULAS, GIB, PREDICT_FORMULAS, Flops, MemoryInputs, StageMemory,
+                                         predict_memory, stage_memory, training_flops)
+from telechat_ms.parallel.parallelize import recompute_sets
+
+ASCEND_ONLY = ("use_flash_attention", "fused_rms_norm")
+
+
+@dataclass
+class Launch:
+    """How many workers a launch starts: explicit `workers`, or nodes x npus_per_node."""
+
+    nodes: int | None = None
+    npus_per_node: int = 8
+    workers: int | None = None
+
+    @property
+    def world(self) -> int | None:
+        if self.workers is not None:
+            return self.workers
+        return None if self.nodes is None else self.nodes * self.npus_per_node
+
+
+@dataclass
+class PlanReport:
+    """Everything `plan` found; `valid` and `fits` are the verdicts."""
+
+    source: str
+    dims: ParallelDims
+    issues: list[Issue]
+    launch: Launch
+    stages: list[StageMemory] = field(default_factory=list)
+    interleave_peak: float = 0.0
+    limit_gib: float = 0.0
+    flops: Flops | None = None
+    tokens_per_s_per_npu: float = 0.0
+    mfu: float = 0.0
+    peak_tflops: float = 0.0
+    what_if: dict[str, float] = field(default_factory=dict)   # peak bytes under other recompute / optimizer choices
+
+    @property
+    def valid(self) -> bool:
+        return not any(i.level == "error" for i in self.issues)
+
+    @property
+    def peak(self) -> StageMemory | None:
+        return max(self.stages, key=lambda s: s.total) if self.stages else None
+
+    @property
+    def fits(self) -> bool:
+        return self.peak is not None and self.peak.total / GIB <= self.limit_gib
+
+
+def _gib(text: str) -> float | None:
+    """'58GB' / '54.5GB' / '1024MB' -> GiB (MindSpore reads GB as GiB); '' -> None."""
+    if not text:
+        return None
+    t = text.strip().upper()
+    for unit, scale in (("GB", 1.0), ("MB", 1 / 1024), ("G", 1.0)):
+        if t.endswith(unit):
+            return float(t[: -len(unit)]) * scale
+    raise ConfigError(f"context.max_device_memory {text!r}: expected a size like '58GB'")
+
+
+def _check_job(job, cfg, dims: ParallelDims, seq: int, launch: Launch) -> tuple[list[Issue], StageLayout | None]:
+    """Layout checks plus launch, mode, switch, batch and recompute checks."""
+    issues = check_layout(cfg, dims, seq)
+    err = lambda f, m: issues.append(Issue("error", f, m))   # noqa: E731
+    warn = lambda f, m: issues.append(Issue("warning", f, m))  # noqa: E731
+    world = dims.world
+    need = (f"data_parallel x model_parallel x pipeline_stage x context_parallel = {dims.dp} x {dims.mp} x "
+            f"{dims.pp} x {dims.cp} = {world}")
+    if launch.world is not None and launch.world != world:
+        how = f"{launch.workers} workers" if launch.workers is not None else \
+            f"{launch.nodes} node(s) x {launch.npus_per_node} NPUs = {launch.world} workers"
+        err("launch", f"the launch starts {how} but the YAML needs {need}; launch "
+            f"{math.ceil(world / launch.npus_per_node)} node(s) x {launch.npus_per_node} (worker_num {world})")
+    if dims.mp > launch.npus_per_node:
+        warn("parallel_config.model_parallel", f"model_parallel {dims.mp} spans nodes ({launch.npus_per_node} "
+             "NPUs per node): tensor-parallel collectives would cross the network")
+    mode, target = job.parallel.parallel_mode, job.context.device_target
+    if max(dims.mp, dims.pp, dims.cp) > 1 and mode not in ("semi_auto_parallel", "auto_parallel"):
+        err("parallel.parallel_mode", f"{mode} cannot split the model (mp/pp/cp > 1): use semi_auto_parallel")
+    if mode in ("semi_auto_parallel", "auto_parallel") and target != "Ascend":
+        err("context.device_target", f"{mode} needs Ascend; MindSpore cannot run it on {target}")
+    if mode == "stand_alone" and world > 1:
+        err("parallel.parallel_mode", f"stand_alone runs one process but parallel_config needs {need}")
+    if target == "CPU":
+        for name in ASCEND_ONLY:
+            if getattr(cfg, name):
+                err(f"model.model_config.{name}", "Ascend-only (no CPU kernel): set false for CPU")
+        if cfg.compute_dtype == "bfloat16":
+            err("model.model_config.compute_dtype", "CPU has no bfloat16 matmul/softmax kernels: use float32")
+    if dims.interleave > 1 and not job.parallel.pipeline_interleave:
+        err("parallel.pipeline_interleave", f"parallel_config.pp_interleave_num {dims.interleave} needs "
+            "parallel.pipeline_interleave: true")
+    rows = job.runner_config.batch_size * seq
+    if rows % (dims.cp * dims.mp):
+        err("runner_config.batch_size", f"batch_size x seq_length = {rows} tokens per micro batch is not "
+            f"divisible by context_parallel x model_parallel = {dims.cp * dims.mp} (row-parallel loss)")
+    if job.model.fine_grain_interleave > 1:
+        warn("model.fine_grain_interleave", "MindFormers' fine-grained interleave needs its interleaved layer "
+             "class; telechat_ms layers ignore it (a speed feature: no effect on memory or results)")
+    layout = None
+    try:
+        layout = stage_layout(cfg.n_layer, dims.pp, dims.interleave, job.model.pipeline_offset or None)
+        recompute_sets(job, layout, dims.pp)
+    except ConfigError as exc:
+        err("model.pipeline_offset / recompute_config", str(exc))
+        layout = None
+    return issues, layout
+
+
+def make_plan(job, launch: Launch | None = None, hbm_gb: float = 64.0, runtime_reserve_gb: float = 2.0,
+              mfu: float = 0.4, peak_tflops: float = 313.0) -> PlanReport:
+    """Validate a job against a launch and estimate memory, FLOPs and throughput."""
+    launch = launch or Launch()
+    cfg = job.model_config()
+    dims = ParallelDims.from_job(job)
+    seq = job.runner_config.seq_length or cfg.seq_length
+    issues, layout = _check_job(job, cfg, dims, seq, launch)
+    report = PlanReport(source=job.source, dims=dims, issues=issues, launch=launch, mfu=mfu, peak_tflops=peak_tflops)
+    limit = _gib(job.context.max_device_memory)
+    report.limit_gib = min(limit, hbm_gb - runtime_reserve_gb) if limit else hbm_gb - runtime_reserve_gb
+    if layout is None or not report.valid:
+        return report
+    if job.run_mode == "predict":
+        report.stages = [predict_memory(cfg, dims, job.runner_config.batch_size, seq)]
+        return report
+    full, select, comm = recompute_sets(job, layout, dims.pp)
+    accumulate = dims.pp > 1 or job.runner_config.gradient_accumulation_steps > 1
+    inp = MemoryInputs(seq=seq, micro_batch_size=job.runner_config.batch_size, compute_dtype=cfg.compute_dtype,
+                       parallel_optimizer=job.parallel.enable_parallel_optimizer and
+                       job.parallel.parallel_mode != "data_parallel",
+                       accumulate=accumulate, full=full, select=select, comm=comm,
+                       slice_activation=job.recompute_config.recompute_slice_activation)
+    report.stages = stage_memory(cfg, dims, layout, inp)
+    report.interleave_peak = max(s.total for s in stage_memory(cfg, dims, layout, inp, megatron_interleave=True))
+    every = set(range(cfg.n_layer))
+    variants = {"no recompute": dict(full=set(), select=set(), comm=set()),
+                "selective": dict(full=set(), select=every, comm=set()),
+                "selective+comm": dict(full=set(), select=every, comm=every),
+                "full": dict(full=every, select=set(), comm=set()),
+                "parallel optimizer on": dict(parallel_optimizer=True),
+                "parallel optimizer off": dict(parallel_optimizer=False)}
+    for name, change in variants.items():
+        alt = MemoryInputs(**{**inp.__dict__, **change})
+        report.what_if[name] = max(s.total for s in stage_memory(cfg, dims, layout, alt))
+    micro = dims.micro if dims.pp > 1 else 1
+    tokens = job.runner_config.batch_size * dims.dp * micro * job.runner_config.gradient_accumulation_steps * seq
+    report.flops = training_flops(cfg, seq, tokens, len(full) / cfg.n_layer)
+    report.tokens_per_s_per_npu = mfu * peak_tflops * 1e12 / report.flops.per_token  # each NPU: 1/world of it all
+    return report
+
+
+def format_plan(r: PlanReport) -> str:
+    """The human-readable plan: verdict, issues, memory table with formulas, FLOPs and throughput."""
+    d = r.dims
+    lines = [f"plan for {r.source}",
+             f"  layout: dp {d.dp} x mp {d.mp} x pp {d.pp} x cp {d.cp} = {d.world} NPUs"
+             f"{' (ulysses %d)' % d.cp_ulysses if d.cp_ulysses > 1 else ''}; sequence parallel "
+             f"{'on' if d.sp else 'off'}; micro batches {d.micro}; interleave {d.interleave}"]
+    if r.launch.world is not None:
+        lines.append(f"  launch: {r.launch.world} workers")
+    for issue in r.issues:
+        lines.append(f"  {issue}")
+    if r.stages:
+        keys = list(r.stages[0].parts)
+        short = {"gradients": "grads", "optimizer": "optim", "activations": "activ"}
+        head = ["stage", "layers", "in-flight"] + [short.get(k, k) for k in keys] + ["total"]
+        lines.append("  memory per NPU (GiB):")
+        lines.append("  " + "".join(f"{h:>11}" for h in head))
+        for s in r.stages:
+            vals = "".join(f"{s.parts[k] / GIB:>11.2f}" for k in keys)
+            lines.append(f"  {s.stage:>11}{s.layers:>11}{s.in_flight:>11}{vals}{s.total / GIB:>11.2f}")
+        lines.append("  formulas (bytes per NPU; a = compute-dtype bytes; per-layer activation terms in "
+                     "telechat_ms/parallel/memory.py):")
+        lines += [f"    {f}" for f in (PREDICT_FORMULAS if "kv_cache" in keys else FORMULAS)]
+        peak = r.peak
+        lines.append(f"  peak: stage {peak.stage}, {peak.total / GIB:.2f} GiB of a {r.limit_gib:.2f} GiB limit "
+                     f"(max_device_memory, or HBM minus the runtime reserve) -> "
+                     f"{'fits' if r.fits else 'DOES NOT FIT'}")
+        if r.what_if:
+            lines.append("  peak GiB under other choices: " + "; ".join(
+                f"{name} {v / GIB:.1f}" for name, v in r.what_if.items()))
+        if d.interleave > 1:
+            lines.append(f"  note: under Megatron's interleaved 1F1B (more micro batches in flight on early stages) "
+                         f"the peak would be {r.interleave_peak / GIB:.2f} GiB")
+    if r.flops:
+        f = r.flops
+        lines.append(f"  FLOPs: {f.per_token / 1e9:.1f} GFLOP/token (6 x matmul params + 6 x layers x s x h), "
+                     f"{f.per_step / 1e15:.2f} PFLOP/step over {f.tokens_per_step} tokens; full recompute adds "
+                     f"{f.recompute_per_token / 1e9:.1f} GFLOP/token")
+        lines.append(f"  throughput at MFU {r.mfu:.0%} of {r.peak_tflops:.0f} TFLOPS: "
+                     f"{r.tokens_per_s_per_npu:.0f} tokens/s per NPU "
+                     f"({f.tokens_per_step / (r.tokens_per_s_per_npu * d.world):.1f} s/step)")
+    lines.append(f"verdict: {'VALID' if r.valid else 'INVALID'}"
+                 + (f", {'fits' if r.fits else 'does not fit'} in memory" if r.stages else ""))
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""Shard strategies for every parallelised primitive of TeleChat2, in one table, from the parallel config.
+
+MindFormers conventions (dp = data, mp = model/tensor, cp = context parallel; `sp` = sequence parallel):
+- column-parallel wq / wk_v / w1 / w3 (weight [out, in] split on out), row-parallel wo / w2 (split on in;
+  all-reduce, or reduce-scatter along the sequence with sp);
+- the fused wk_v output rows are [k_h0; v_h0; k_h1; v_h1; ...]: an mp-way split of its rows gives each rank
+  whole kv heads ([k_h; v_h] pairs) exactly when num_key_value_heads % mp == 0 (checked in layout.py), and
+  the [B, S, K, 2d] view, split_kv and the kv-head repeat then stay local to the rank;
+- vocab-parallel embedding and lm_head (or replicated with vocab_emb_dp); the loss is computed row-parallel
+  (the [B*S, V] logits are redistributed to rows so log-softmax never spans ranks);
+- norms and residual adds split along the sequence by cp (and by mp with sp);
+- attention internals split heads by mp (x Ulysses degree) and the sequence by the ring-attention degree; rope
+  tables are split on their sequence axis so each sequence chunk multiplies by the rows of its GLOBAL positions.
+  The trainer feeds per-sample tables and masks ([B, 1, S, d], [B, 1, S, S]: `batched_inputs`); a model called
+  with shared [S, d] tables and a [1, 1, S, S] mask uses `batched_inputs=False`.
+
+`strategy_table` is pure data (tested against hand-written tables); `apply_strategies` calls `.shard()` on the
+model's primitives (silently ignored by MindSpore in stand_alone / data_parallel, so CPU runs are unaffected).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from telechat_ms.config import TeleChatConfig
+from telechat_ms.parallel.layout import ParallelDims
+
+
+@dataclass(frozen=True)
+class Shard:
+    """in_strategy (one tuple per tensor input) and optional out_strategy of one primitive."""
+
+    inputs: tuple
+    outputs: tuple | None = None
+
+
+NORM_OPS_SELF_DEFINED = ("square", "mean", "rsqrt", "add", "mul", "mul2")
+
+
+def _norm(prefix: str, s_in: tuple, fused: bool) -> dict[str, Shard]:
+    """Strategies of a LlamaRMSNorm's primitives for an input split `s_in`."""
+    if fused:
+        return {f"{prefix}.norm": Shard((s_in, (1,)))}
+    return {f"{prefix}.square": Shard((s_in,)), f"{prefix}.mean": Shard((s_in,)),
+            f"{prefix}.rsqrt": Shard((s_in,)), f"{prefix}.add": Shard((s_in, ())),
+            f"{prefix}.mul": Shard((s_in, s_in)), f"{prefix}.mul2": Shard((s_in, (1,)))}
+
+
+def hidden_split(dims: ParallelDims) -> tuple[int, int, int]:
+    """Split of the [B, S, H] residual stream: batch by dp, sequence by cp (x mp with sequence parallel)."""
+    return (dims.dp, dims.cp * (dims.mp if dims.sp else 1), 1)
+
+
+def layer_strategies(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool | None = None,
+                     batched_inputs: bool = True) -> dict[str, Shard]:
+    """Strategies of one decoder layer, keyed by primitive path relative to the layer."""
+    dp, mp, cp = dims.dp, dims.mp, dims.cp
+    hs, cr = dims.head_split, dims.cp_ring
+    fused = cfg.fused_rms_norm if fused_norm is None else fused_norm
+    rows = dp * cp                                   # rows of the 2-D [B*S, H] matmul inputs
+    s_in = hidden_split(dims)
+    out_rows = (rows * mp, 1) if dims.sp else (rows, 1)
+    reduce_out = ((rows * mp, 1),) if dims.sp else None  # reduce-scatter along the sequence with sp
+    bshd = (dp, cp, mp, 1)                          # [B, S, heads, d] right after the projections
+    inner = (dp, hs, cr, 1)                         # [B, N, S, d] inside attention
+    table = (dp, 1, cr, 1) if batched_inputs else (cr, 1)        # rope cos/sin: rows of the global positions
+    mask_b = dp if batched_inputs else 1                          # attention mask [B or 1, 1, S, S]
+    t: dict[str, Shard] = {}
+    t.update(_norm("attention_norm", s_in, fused))
+    t.update(_norm("ffn_norm", s_in, fused))
+    t.update({
+        "attention.wq.matmul": Shard(((rows, 1), (mp, 1))),
+        "attention.wk_v.matmul": Shard(((rows, 1), (mp, 1))),   # whole [k_h; v_h] row pairs per rank
+        "attention.split_kv": Shard((bshd,)),
+        "attention.transpose_q": Shard((bshd,)),
+        "attention.transpose_k": Shard((bshd,)),
+        "attention.transpose_v": Shard((bshd,)),
+        "attention.rotary.split": Shard((inner,)),
+        "attention.rotary.neg": Shard((inner,)),
+        "attention.rotary.concat": Shard((inner, inner)),
+        "attention.rotary.mul_cos": Shard((inner, table)),
+        "attention.rotary.mul_sin": Shard((inner, table)),
+        "attention.rotary.add": Shard((inner, inner)),
+        "attention.transpose_out": Shard(((dp, mp, cp, 1),)),
+        "attention.wo.matmul": Shard(((rows, mp), (1, mp)), reduce_out),
+        "attention.wo.bias_add": Shard((out_rows, (1,))),
+        "feed_forward.w1.matmul": Shard(((rows, 1), (mp, 1))),
+        "feed_forward.w3.matmul": Shard(((rows, 1), (mp, 1))),
+        "feed_forward.silu.silu": Shard(((dp, cp, mp),)),
+        "feed_forward.mul": Shard(((dp, cp, mp), (dp, cp, mp))),
+        "feed_forward.w2.matmul": Shard(((rows, mp), (1, mp)), reduce_out),
+        "feed_forward.w2.bias_add": Shard((out_rows, (1,))),
+        "add_attn": Shard((s_in, s_in)),
+        "add_ffn": Shard((s_in, s_in)),
+    })
+    if cfg.use_flash_attention:
+        kv = (dp, hs, cr, 1)                        # ring attention passes kv chunks around the cp ring
+        t["attention.flash_attention.flash_attention"] = Shard((inner, kv, kv, (mask_b, 1, cr, 1)))
+    else:                                           # plain attention: cp == 1 (checked), heads split by mp
+        heads = (dp, mp, 1, 1)
+        t.update({
+            "attention.tile_kv": Shard(((dp, mp, 1, 1, 1),)),
+            "attention.qk_matmul": Shard((heads, heads)),
+            "attention.mul_scale": Shard((heads, ())),
+            "attention.mask_mul": Shard(((mask_b, 1, 1, 1), ())),
+            "attention.mask_add": Shard((heads, (mask_b, 1, 1, 1))),
+            "attention.softmax": Shard((heads,)),
+            "attention.pv_matmul": Shard((heads, heads)),
+        })
+    return t
+
+
+def model_strategies(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool | None = None) -> dict[str, Shard]:
+    """Strategies outside the decoder layers: embedding, final norm, lm_head and loss."""
+    dp, mp, cp = dims.dp, dims.mp, dims.cp
+    fused = cfg.fused_rms_norm if fused_norm is None else fused_norm
+    t: dict[str, Shard] = {}
+    if dims.vocab_emb_dp or cfg.vocab_size % (mp * cp):
+        t["model.tok_embeddings.gather"] = Shard(((1, 1), (dp, cp)))
+    else:
+        t["model.tok_embeddings.gather"] = Shard(((mp * cp, 1), (dp, 1)))
+    if cfg.embed_layernorm:
+        t.update(_norm("model.word_embeddings_layernorm", hidden_split(dims), fused))
+    t.update(_norm("model.norm_out", hidden_split(dims), fused))
+    vocab = 1 if dims.vocab_emb_dp or cfg.vocab_size % mp else mp
+    t["lm_head.matmul"] = Shard(((dp * cp, 1), (vocab, 1)))
+    loss_rows = (dp * cp * mp, 1)
+    t["log_softmax"] = Shard((loss_rows,))
+    t["gather_d"] = Shard((loss_rows, loss_rows))
+    return t
+
+
+def strategy_table(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool | None = None,
+                   batched_inputs: bool = True) -> dict[str, Shard]:
+    """The full table: primitive path in TeleChatForCausalLM -> Shard, every layer expanded."""
+    table = model_strategies(cfg, dims, fused_norm)
+    per_layer = layer_strategies(cfg, dims, fused_norm, batched_inputs)
+    for i in range(cfg.n_layer):
+        table.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+    return table
+
+
+def resolve(root, path: str):
+    """The attribute at a dotted path ('model.layers.3.attention.wq.matmul'); digits index a CellList."""
+    obj = root
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def apply_strategies(model, table: dict[str, Shard]) -> None:
+    """Call `.shard()` on every primitive named in the table (KeyError-free: a missing path is a bug)."""
+    for path, shard in table.items():
+        try:
+            prim = resolve(model, path)
+        except (AttributeError, IndexError) as exc:
+            raise AttributeError(f"strategy table names {path!r}, which the model does not have ({exc})") from None
+        prim.shard(shard.inputs, shard.outputs)
+
+
+def recorded_strategies(model) -> dict[str, Shard]:
+    """Every primitive of the model that carries a strategy, read back from its attributes (for tests/plans)."""
+    out: dict[str, Shard] = {}
+    for name, cell in model.cells_and_names():
+        for attr, prim in getattr(cell, "_primitives", {}).items():
+            if prim is None:
+                continue
+            inputs = prim.attrs.get("in_strategy")
+            if inputs is not None:
+                path = f"{name}.{attr}" if name else attr
+                out[path] = Shard(tuple(map(tuple, inputs)), prim.attrs.get("out_strategy"))
+    return out

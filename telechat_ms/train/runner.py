@@ -1,0 +1,79 @@
+"""How one optimizer step runs, per parallel mode, behind one interface the training loop calls.
+
+- `AccumulatingRunner` (stand_alone and data_parallel, CPU or Ascend): the step cells of step.py; loss = token
+  mean over the global batch, gradients summed over micro batches and workers, clipped on the host's factor.
+- `SemiAutoRunner` (semi_auto_parallel, Ascend only): the model sharded by telechat_ms.parallel and trained by
+  MindFormers' one-step cell or its pipeline cell (micro batches inside the graph); full_batch input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    grad_norm: float
+    finite: bool
+
+
+class AccumulatingRunner:
+    """Micro-batch gradient accumulation + data-parallel reduction + clipping + AdamW, as three graphs."""
+
+    def __init__(self, model, trainable, optimizer, world_size: int, job):
+        from telechat_ms.train.step import (AccumulateStep, AllReduceSum, ApplyGrads, FinalizeGrads, LossSum,
+                                            ZeroGrads, make_buffers)
+        accu = make_buffers(trainable)
+        self.accumulate = AccumulateStep(LossSum(model), trainable, accu)
+        self.finalize = FinalizeGrads(accu, world_size)
+        self.apply = ApplyGrads(optimizer, accu)
+        self.zero = ZeroGrads(accu)
+        self.all_reduce = AllReduceSum() if world_size > 1 else None
+        self.wrapper = job.runner_wrapper
+
+    def run(self, micro: list[dict], tokens: int, positions, loss_scale: float) -> StepOutcome:
+        from mindspore import Tensor
+        scale = Tensor(np.float32(loss_scale))
+        loss_sum = 0.0
+        for batch in micro:
+            cos, sin, mask = positions(batch)
+            out = self.accumulate(Tensor(batch["input_ids"]), Tensor(batch["labels"]), cos, sin, mask, scale)
+            loss_sum += float(out.asnumpy())
+        if self.all_reduce is not None:
+            loss_sum = float(self.all_reduce(Tensor(np.float32(loss_sum))).asnumpy())
+        tokens = max(tokens, 1)
+        loss = loss_sum / loss_scale / tokens
+        norm = float(self.finalize(Tensor(np.float32(1.0 / (tokens * loss_scale)))).asnumpy())
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self.zero()  # nothing is applied: weights and optimizer state stay as they were
+            return StepOutcome(loss, norm, False)
+        clip = min(1.0, self.wrapper.max_grad_norm / (norm + 1e-6)) if self.wrapper.use_clip_grad else 1.0
+        self.apply(Tensor(np.float32(clip)))
+        return StepOutcome(loss, norm, True)
+
+
+class SemiAutoRunner:
+    """Ascend semi_auto_parallel: strategies from telechat_ms.parallel, MindFormers' step cells.
+
+    Not runnable on CPU (MindSpore refuses semi_auto_parallel there): no CPU test exercises this class.
+    """
+
+    def __init__(self, model, optimizer, job):
+        from telechat_ms.parallel.ascend import wrap_train_step
+        from telechat_ms.parallel.parallelize import parallelize
+        parallelize(model, job)
+        self.step = wrap_train_step(model, optimizer, job)  # model(input_ids, labels, cos, sin, mask) -> loss
+
+    def run(self, micro: list[dict], tokens: int, positions, loss_scale: float) -> StepOutcome:
+        from mindspore import Tensor
+        losses, finite = [], True
+        for batch in micro:  # full_batch: every rank feeds the same global batch; the compiler splits it
+            cos, sin, mask = positions(batch)
+            out = self.step(Tensor(batch["input_ids"]), Tensor(batch["labels"]), cos, sin, mask)
+            loss, overflow = (out[0], out[1]) if isinstance(out, tuple) else (out, False)
+            losses.append(float(loss.asnumpy()))
+            finite = finite and not bool(np.asarray(overflow.asnumpy() if hasattr(overflow, "asnumpy") else overflow))
+        return StepOutcome(float(np.mean(losses)), float("nan"), finite and all(map(math.isfinite, losses)))

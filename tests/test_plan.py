@@ -1,0 +1,137 @@
+"""`telechat-ms plan`: the published setups are valid and fit, mismatched launches and impossible splits are
+rejected with clear messages, the memory estimate equals a hand calculation, and the launchers obey the plan."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from telechat_ms.job_config import load_job_config
+from telechat_ms.parallel.cli import main as plan_main
+from telechat_ms.parallel.memory import GIB
+from telechat_ms.parallel.plan import Launch, make_plan
+from tests.conftest import REPO
+
+YAMLS = os.path.join(REPO, "yaml_configs")
+PUBLISHED = [("7b", 1, 58.0), ("35b", 2, 57.0), ("115b", 8, 54.5)]   # size, nodes of 8 NPUs, max_device_memory
+
+
+@pytest.mark.parametrize("size,nodes,limit", PUBLISHED)
+def test_published_setups_are_valid_and_fit(size, nodes, limit):
+    job = load_job_config(os.path.join(YAMLS, size, f"finetune_telechat2_{size}.yaml"))
+    report = make_plan(job, Launch(nodes=nodes))
+    assert report.valid, [str(i) for i in report.issues]
+    assert report.limit_gib == limit
+    assert report.fits and report.peak.total / GIB < limit
+
+
+def test_published_115b_launch_with_16_workers_is_rejected(capsys):
+    rc = plan_main(["plan", "--config", os.path.join(YAMLS, "115b", "finetune_telechat2_115b.yaml"),
+                    "--workers", "16"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert ("the launch starts 16 workers but the YAML needs data_parallel x model_parallel x pipeline_stage x "
+            "context_parallel = 1 x 8 x 8 x 1 = 64") in out
+    assert "launch 8 node(s) x 8 (worker_num 64)" in out and "verdict: INVALID" in out
+
+
+def test_heads_not_divisible_by_mp_is_rejected(capsys):
+    rc = plan_main(["plan", "--config", os.path.join(YAMLS, "7b", "finetune_telechat2_7b.yaml"),
+                    "--override", "parallel_config.model_parallel=3", "--override", "parallel_config.data_parallel=1"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "error: parallel_config.model_parallel: n_head 32 is not divisible by model_parallel = 3" in out
+
+
+def test_every_shipped_yaml_is_valid_for_its_own_size_of_launch():
+    for path in glob.glob(os.path.join(YAMLS, "*", "*.yaml")):
+        job = load_job_config(path)
+        report = make_plan(job, Launch(workers=job.parallel_config.world_size))
+        assert report.valid, (path, [str(i) for i in report.issues])
+        assert report.fits, (path, report.peak.total / GIB, report.limit_gib)
+
+
+def _small_case(tmp_path) -> str:
+    data = {
+        "context": {"device_target": "Ascend", "max_device_memory": "1GB"},
+        "parallel": {"parallel_mode": "semi_auto_parallel", "enable_parallel_optimizer": True},
+        "parallel_config": {"data_parallel": 2, "model_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 2,
+                            "use_seq_parallel": True},
+        "recompute_config": {"recompute": False, "select_recompute": True},
+        "model": {"model_config": {"vocab_size": 256, "hidden_size": 64, "n_layer": 4, "n_head": 4,
+                                   "num_key_value_heads": 2, "ffn_hidden_size": 128, "seq_length": 32,
+                                   "compute_dtype": "bfloat16", "use_flash_attention": True,
+                                   "fused_rms_norm": True}},
+        "runner_config": {"batch_size": 1},
+    }
+    path = str(tmp_path / "small.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump(data, fh)
+    return path
+
+
+def test_memory_estimate_equals_a_hand_calculation(tmp_path):
+    """h 64, 4 heads / 2 kv heads (d 16, kd 32), f 128, V 256, 4 layers; dp 2 x mp 2 x pp 2, sp, 2 micro
+    batches of 1 x 32 tokens, bf16 compute / fp32 params, parallel optimizer, selective recompute, flash attn.
+
+    Per layer: matrices 2*64^2 + 2*32*64 + 3*64*128 = 36864 (18432 per mp rank), norms + biases 4*64 = 256.
+    Stage 0 holds layers 0-1 and the embedding (256*64 / mp 2 = 8192); stage 1 layers 2-3, lm_head 8192, ln_f 64.
+    Activations per layer and micro batch (X = 32*64 = 2048, Xk = 1024, Xf = 4096, t = 2), elements:
+    norm inputs 2X/t 2048 + gathered matmul inputs 2X 4096 + q,k,v (X+2Xk)/t 2048 + FA out X/t 1024
+    + wo input X/t 1024 + w1,w3 outputs 2Xf/t 4096 = 14336 -> x 2 B = 28672 B; without recompute the MLP keeps
+    4Xf/t = 8192 -> 18432 elements = 36864 B (the working set).
+    """
+    job = load_job_config(_small_case(tmp_path))
+    report = make_plan(job, Launch(workers=8))
+    assert report.valid, [str(i) for i in report.issues]
+    s0, s1 = report.stages
+    hand0 = {"weights": 4 * (36864 / 2 + 512 + 8192 / 2),        # PO shards over dp*cp = 2 (embedding over dp)
+             "gradients": 4 * (36864 + 512 + 8192),            # pipeline accumulates full gradients
+             "optimizer": 8 * (36864 / 2 + 512 + 8192 / 2),
+             "copies": 2 * 36864,                              # bf16 casts of the two selective layers
+             "activations": 2 * 2 * 28672,                     # 2 micro batches in flight x 2 layers
+             "working": 36864, "logits": 0}
+    hand1 = {"weights": 4 * (36864 / 2 + 512 + 8192 / 2 + 64), "gradients": 4 * (36864 + 512 + 8192 + 64),
+             "optimizer": 8 * (36864 / 2 + 512 + 8192 / 2 + 64), "copies": 2 * (36864 + 8192),
+             "activations": 1 * 2 * 28672, "working": 36864,
+             "logits": (2 * 256 / 2 + 8 * 256 / 2) * 32}       # bf16 logits + fp32 logits + log-softmax, / mp
+    assert s0.parts == pytest.approx(hand0) and s1.parts == pytest.approx(hand1)
+    assert s0.total == pytest.approx(684032) and s1.total == pytest.approx(685056)
+    assert report.peak is s1 and report.fits
+
+
+def test_plan_cli_is_registered_and_exit_codes(capsys):
+    from telechat_ms.cli import main
+    assert main(["plan", "--config", os.path.join(YAMLS, "35b", "finetune_telechat2_35b.yaml"), "--nodes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: VALID, fits in memory" in out and "weights    = 4 B x params" in out
+    over = ["plan", "--config", os.path.join(YAMLS, "7b", "finetune_telechat2_7b.yaml"),
+            "--override", "context.max_device_memory=10GB"]
+    assert plan_main(over) == 3
+
+
+LAUNCHER = os.path.join(REPO, "run_scripts", "msrun_train_multinode.sh")
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable}
+    return subprocess.run(["bash", LAUNCHER, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_multinode_launcher_refuses_a_mismatched_launch_and_builds_msrun_for_a_valid_one():
+    cfg = os.path.join(YAMLS, "115b", "finetune_telechat2_115b.yaml")
+    bad = _launch(cfg, "16", "8", "192.168.1.1", "8118", "0", "output/msrun_log", "False", "300")
+    assert bad.returncode == 1 and "refusing to launch" in bad.stderr and "= 64" in bad.stdout
+    good = _launch(cfg, "64", "8", "192.168.1.1", "8118", "3", "output/msrun_log", "False", "300",
+                   "--runner_config.epochs=1")
+    assert good.returncode == 0, good.stderr
+    cmd = good.stdout.strip().splitlines()[-1]
+    for part in ("msrun", "--worker_num=64", "--local_worker_num=8", "--master_addr=192.168.1.1",
+                 "--master_port=8118", "--node_rank=3", "--log_dir=output/msrun_log", "--join=False",
+                 "--cluster_time_out=300", "train --config", "--runner_config.epochs=1"):
+        assert part in cmd, cmd
+    assert _launch(cfg, "64", "8", "192.168.1.1", "8118", "8").returncode == 2   # node rank out of range
