@@ -373,3 +373,22 @@ def write_sharded_safetensors(out_dir: str, specs: list[tuple[str, tuple[int, ..
             json.dump(index, fh, indent=2)
             fh.write("\n")
     return index
+
+
+def assign_from_safetensors(path: str, params: dict, what: str = "model", strict: bool = True) -> None:
+    """Set MindSpore parameters {name: Parameter} from a safetensors file; every one must be there with its
+    shape (and, when strict, the file may hold nothing else). Values pass through fp32, exact for float dtypes."""
+    import mindspore as ms
+    entries = {e.name: e for e in safetensors_entries(path)}
+    missing = [n for n in params if n not in entries]
+    if missing:
+        raise CheckpointError(f"{path}: {what} tensor '{missing[0]}' is missing ({len(missing)} in all)")
+    extra = sorted(set(entries) - set(params))
+    if strict and extra:
+        raise CheckpointError(f"{path}: unexpected {what} tensor '{extra[0]}' ({len(extra)} in all)")
+    for name, param in params.items():
+        e = entries[name]
+        if tuple(e.shape) != tuple(param.shape):
+            raise CheckpointError(f"{path}: {what} tensor '{name}' has shape {list(e.shape)}, "
+                                  f"expected {list(param.shape)}")
+        param.set_data(ms.Tensor(convert_dtype(e.read(), e.dtype, "float32"), dtype=param.dtype))

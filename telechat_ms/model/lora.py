@@ -111,23 +111,13 @@ def save_adapter(model, path: str, base_model: str = "") -> str:
 
 def load_adapter(model, path: str) -> None:
     """Apply the adapter config to `model` and load the adapter weights (strict)."""
-    from telechat_ms.checkpoint_io import safetensors_entries
+    from telechat_ms.checkpoint_io import assign_from_safetensors
     cfg_file = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(cfg_file):
         raise CheckpointError(f"{path}: no {ADAPTER_CONFIG}")
     cfg = json.load(open(cfg_file, encoding="utf-8"))
     apply_lora(model, cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg["target_modules"])
-    params = lora_parameters(model)
-    entries = {e.name: e for e in safetensors_entries(os.path.join(path, ADAPTER_WEIGHTS))}
-    if set(entries) != set(params):
-        missing = sorted(set(params) - set(entries)) or sorted(set(entries) - set(params))
-        raise CheckpointError(f"{path}: adapter tensors do not match the model (first mismatch: '{missing[0]}')")
-    for name, param in params.items():
-        arr = entries[name].read()
-        if tuple(arr.shape) != tuple(param.shape):
-            raise CheckpointError(f"{path}: adapter tensor '{name}' has shape {list(arr.shape)}, "
-                                  f"expected {list(param.shape)}")
-        param.set_data(ms.Tensor(arr.astype(np.float32)))
+    assign_from_safetensors(os.path.join(path, ADAPTER_WEIGHTS), lora_parameters(model), "adapter")
 
 
 def merge_lora(model) -> None:

@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 
-from telechat_ms.checkpoint_io import safetensors_entries, write_sharded_safetensors
+from telechat_ms.checkpoint_io import assign_from_safetensors, write_sharded_safetensors
 from telechat_ms.errors import CheckpointError
 from telechat_ms.io import atomic_output_dir, atomic_write_text
 
@@ -76,26 +76,12 @@ def latest_checkpoint(root: str) -> str | None:
     return found[-1] if found else None
 
 
-def _load_params(path: str, params: dict, what: str) -> None:
-    import mindspore as ms
-    entries = {e.name: e for e in safetensors_entries(path)}
-    missing = [n for n in params if n not in entries]
-    if missing:
-        raise CheckpointError(f"{path}: {what} tensor '{missing[0]}' is missing ({len(missing)} in all)")
-    for name, param in params.items():
-        arr = entries[name].read()
-        if tuple(arr.shape) != tuple(param.shape):
-            raise CheckpointError(f"{path}: tensor '{name}' has shape {list(arr.shape)}, "
-                                  f"the run expects {list(param.shape)}")
-        param.set_data(ms.Tensor(np.array(arr, dtype=np.float32), dtype=param.dtype))
-
-
 def load_checkpoint(path: str, model_params: dict, optimizer_params: dict) -> dict:
     """Restore parameters and optimizer state in place; return the trainer state."""
     state_file = os.path.join(path, STATE_FILE)
     if not os.path.isfile(state_file):
         raise CheckpointError(f"{path}: not a complete training checkpoint (no {STATE_FILE})")
-    _load_params(os.path.join(path, "model.safetensors"), model_params, "model")
-    _load_params(os.path.join(path, "optimizer.safetensors"), optimizer_params, "optimizer")
+    assign_from_safetensors(os.path.join(path, "model.safetensors"), model_params, "model")
+    assign_from_safetensors(os.path.join(path, "optimizer.safetensors"), optimizer_params, "optimizer")
     with open(state_file, encoding="utf-8") as fh:
         return json.load(fh)
