@@ -109,3 +109,20 @@ def test_parity_cli_exit_code(tiny_gqa_ckpt, capsys):
     assert main(["parity", tiny_gqa_ckpt, "--seq-len", "8"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
     assert main(["parity", tiny_gqa_ckpt, "--seq-len", "8", "--atol", "0"]) == 1
+
+
+def test_ascend_path_constructs_with_the_same_parameters():
+    """The Ascend configuration (flash attention, fused RMSNorm, bf16 compute, fp32 params) builds from the same
+    model file with the same checkpoint names and shapes; only the kernels differ (they have no CPU kernels)."""
+    from telechat_ms.config import TeleChatConfig
+    from telechat_ms.model.layers import TeleChatAttention
+    cpu = TeleChatForCausalLM(TeleChatConfig.preset("tiny", vocab_size=64))
+    ascend = TeleChatForCausalLM(TeleChatConfig.preset("tiny", vocab_size=64, use_flash_attention=True,
+                                                       fused_rms_norm=True, compute_dtype="bfloat16"))
+    shapes = lambda m: {p.name: (tuple(p.shape), str(p.dtype)) for p in m.get_parameters()}  # noqa: E731
+    assert shapes(cpu) == shapes(ascend)
+    attn = ascend.model.layers[0].attention
+    assert isinstance(attn, TeleChatAttention) and hasattr(attn, "flash_attention")
+    assert not hasattr(cpu.model.layers[0].attention, "flash_attention")
+    assert ascend.model.layers[0].attention_norm.self_define is False  # the fused RmsNorm kernel
+    assert cpu.model.layers[0].attention_norm.self_define is True
