@@ -34,6 +34,12 @@ def _parity(args: argparse.Namespace) -> int:
     from telechat_ms.parity import run_parity
     result = run_parity(args.model_dir, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
                         seed=args.seed, atol=args.atol)
+    if args.generate:
+        from telechat_ms.infer.parity_generate import run_generate_parity
+        result["generate"] = run_generate_parity(args.model_dir, new_tokens=args.generate, prompt_len=args.seq_len,
+                                                 batch_size=args.batch_size, device=args.device, seed=args.seed,
+                                                 atol=args.atol)
+        result["ok"] = result["ok"] and result["generate"]["ok"]
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
 
@@ -78,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--device", default="cpu", help="torch device for the reference: cpu or cuda")
     parity.add_argument("--seed", type=int, default=0)
     parity.add_argument("--atol", type=float, default=1e-4, help="max |delta logits| allowed")
+    parity.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="also compare N greedy tokens generated with each side's kv cache")
     parity.set_defaults(func=_parity)
 
     train = sub.add_parser("train", help="train / fine-tune from a YAML job config (also under msrun)")
@@ -94,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--format", choices=["ms", "hf"], default="ms", help="names of the merged checkpoint")
     merge.set_defaults(func=_lora_merge)
 
-    for module in ("telechat_ms.data.cli",):
+    for module in ("telechat_ms.data.cli", "telechat_ms.infer.cli", "telechat_ms.parallel.cli"):
         try:
             __import__(module, fromlist=["register"]).register(sub)
         except ImportError:  # pragma: no cover - a module not yet present in a partial install

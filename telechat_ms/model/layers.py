@@ -97,6 +97,14 @@ class TeleChatAttention(nn.Cell):
             self.mask_add = P.Add()
             self.softmax = P.Softmax(axis=-1)
             self.pv_matmul = P.BatchMatMul()
+        # kv-cache path (inference only; no parameters): in-place scatter into the caches, grouped attention
+        self.cache_update = P.ScatterNdUpdate()
+        self.cache_qk = P.BatchMatMul(transpose_b=True)
+        self.cache_pv = P.BatchMatMul()
+        self.mul_scale_c = P.Mul()
+        self.mask_mul_c = P.Mul()
+        self.mask_add_c = P.Add()
+        self.softmax_c = P.Softmax(axis=-1)
 
     def _repeat_kv(self, x, bs, seq):
         """[B, K, S, d] -> [B, K*n_rep, S, d]: query head j reads kv head j // n_rep."""
@@ -106,8 +114,8 @@ class TeleChatAttention(nn.Cell):
         x = self.tile_kv(x, (1, 1, self.n_rep, 1, 1))
         return self.reshape(x, (bs, self.n_head, seq, self.head_dim))
 
-    def construct(self, x, cos, sin, attn_mask):
-        """x [B, S, H]; cos/sin [S, d]; attn_mask uint8 [B or 1, 1, S, S] with 1 = may not attend."""
+    def _project(self, x, cos, sin):
+        """q [B, N, S, d], k and v [B, K, S, d], with RoPE applied to q and k (keys are cached after rotation)."""
         bs, seq, _ = x.shape
         q = self.reshape(self.wq(x), (bs, seq, self.n_head, self.head_dim))
         kv = self.reshape(self.wk_v(x), (bs, seq, self.n_kv, 2 * self.head_dim))
@@ -115,14 +123,53 @@ class TeleChatAttention(nn.Cell):
         q = self.transpose_q(q, (0, 2, 1, 3))
         k = self.transpose_k(k, (0, 2, 1, 3))
         v = self.transpose_v(v, (0, 2, 1, 3))
-        q = self.rotary(q, cos, sin)
-        k = self.rotary(k, cos, sin)
+        return self.rotary(q, cos, sin), self.rotary(k, cos, sin), v
+
+    def construct(self, x, cos, sin, attn_mask):
+        """x [B, S, H]; cos/sin [S, d]; attn_mask uint8 [B or 1, 1, S, S] with 1 = may not attend."""
+        bs, seq, _ = x.shape
+        q, k, v = self._project(x, cos, sin)
         if self.use_flash_attention:
             out = self.flash_attention(q, k, v, attn_mask)
         else:
             out = self._attention(q, self._repeat_kv(k, bs, seq), self._repeat_kv(v, bs, seq), attn_mask)
         out = self.reshape(self.transpose_out(out, (0, 2, 1, 3)), (bs, seq, self.hidden))
         return self.wo(out)
+
+    def construct_with_cache(self, x, cos, sin, attn_mask, k_cache, v_cache, cache_index):
+        """Cached path (inference): write the new rotated keys and values into the static-shape caches in place,
+        then attend over the whole cache.
+
+        x [B, S, H]; cos/sin [B or 1, 1, S, d] (per-row tables: the released incremental rule and left padding);
+        attn_mask uint8 [B or 1, 1, S, L] with 1 = may not attend; k_cache/v_cache Parameters [B, K, L, d];
+        cache_index int32 [B, K, S, 3] of (row, kv head, slot) for every new key.
+        """
+        bs, seq, _ = x.shape
+        q, k, v = self._project(x, cos, sin)
+        k_cache = self.cache_update(k_cache, cache_index, self.cast(k, k_cache.dtype))
+        v_cache = self.cache_update(v_cache, cache_index, self.cast(v, v_cache.dtype))
+        if self.use_flash_attention and seq > 1:  # Ascend prefill: the fused kernel over the repeated cache
+            max_len = k_cache.shape[2]
+            out = self.flash_attention(q, self._repeat_kv(k_cache, bs, max_len), self._repeat_kv(v_cache, bs, max_len),
+                                       attn_mask)
+        else:
+            out = self._grouped_attention(q, k_cache, v_cache, attn_mask)
+        out = self.reshape(self.transpose_out(out, (0, 2, 1, 3)), (bs, seq, self.hidden))
+        return self.wo(out)
+
+    def _grouped_attention(self, q, k_cache, v_cache, attn_mask):
+        """GQA without copying the cache: the n_rep query heads of one kv head are stacked on the query axis."""
+        bs, _, seq, _ = q.shape
+        max_len = k_cache.shape[2]
+        qg = self.reshape(self.cast(q, k_cache.dtype), (bs, self.n_kv, self.n_rep * seq, self.head_dim))
+        scores = self.mul_scale_c(self.cast(self.cache_qk(qg, k_cache), ms.float32), self.scale)
+        scores = self.reshape(scores, (bs, self.n_kv, self.n_rep, seq, max_len))
+        mask = self.reshape(self.cast(attn_mask, ms.float32), (attn_mask.shape[0], 1, 1, seq, max_len))
+        scores = self.mask_add_c(scores, self.mask_mul_c(mask, MASK_VALUE))
+        probs = self.reshape(self.cast(self.softmax_c(scores), v_cache.dtype),
+                             (bs, self.n_kv, self.n_rep * seq, max_len))
+        out = self.cache_pv(probs, v_cache)
+        return self.reshape(out, (bs, self.n_head, seq, self.head_dim))
 
     def _attention(self, q, k, v, attn_mask):
         """softmax(q k^T / sqrt(d) + mask) v with the softmax in fp32."""
@@ -164,6 +211,14 @@ class TeleChatDecoderLayer(nn.Cell):
 
     def construct(self, x, cos, sin, attn_mask):
         h = self.attention(self.attention_norm(x), cos, sin, attn_mask)
+        x = self.add_attn(x, self.cast(h, x.dtype))
+        h = self.feed_forward(self.ffn_norm(x))
+        return self.add_ffn(x, self.cast(h, x.dtype))
+
+    def construct_with_cache(self, x, cos, sin, attn_mask, k_cache, v_cache, cache_index):
+        """The same block with the attention reading and writing the layer's kv cache."""
+        h = self.attention.construct_with_cache(self.attention_norm(x), cos, sin, attn_mask, k_cache, v_cache,
+                                                cache_index)
         x = self.add_attn(x, self.cast(h, x.dtype))
         h = self.feed_forward(self.ffn_norm(x))
         return self.add_ffn(x, self.cast(h, x.dtype))
