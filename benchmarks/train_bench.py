@@ -39,8 +39,8 @@ def main() -> None:
     from telechat_ms.model.telechat import TeleChatForCausalLM
     from telechat_ms.reference.random_checkpoint import write_random_hf_checkpoint
     from telechat_ms.reference.torch_model import TeleChatRef
-    from telechat_ms.train.step import AccumulateStep, ApplyGrads, FinalizeGrads, LossSum, make_buffers
-    from telechat_ms.train.trainer import build_optimizer
+    from telechat_ms.train.runner import AccumulatingRunner
+    from telechat_ms.train.trainer import PositionCache, build_optimizer
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     cfg = dict(hidden_size=a.hidden, n_layer=a.layers, n_head=a.heads, num_key_value_heads=a.kv,
@@ -53,20 +53,17 @@ def main() -> None:
     tokens = a.batch * a.seq
     results = {}
 
-    # telechat_ms step
+    # telechat_ms step: what the trainer runs (AccumulatingRunner, no accumulation, one worker)
     model = TeleChatForCausalLM.from_pretrained(tmp)
     params = list(model.trainable_params())
-    opt = build_optimizer(job, params)
-    accu = make_buffers(params)
-    acc, fin, app = AccumulateStep(LossSum(model), params, accu), FinalizeGrads(accu, 1), ApplyGrads(opt, accu)
+    stepper = AccumulatingRunner(model, params, build_optimizer(job, params), 1, job)
+    positions = PositionCache(model)
+    micro = [{"input_ids": ids, "labels": ids}]
     cos, sin, mask = model.position_inputs(a.seq)
-    ids_t, one = Tensor(ids), Tensor(np.float32(1.0))
+    ids_t = Tensor(ids)
 
     def ours():
-        loss = acc(ids_t, ids_t, cos, sin, mask, one)
-        norm = float(fin(Tensor(np.float32(1.0 / tokens))).asnumpy())
-        app(Tensor(np.float32(min(1.0, 1.0 / (norm + 1e-6)))))
-        return float(loss.asnumpy())
+        return stepper.run(micro, tokens, positions, 1.0).loss
 
     results["telechat_ms"] = _time(ours, a.steps)
 

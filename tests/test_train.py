@@ -57,7 +57,7 @@ def test_training_matches_torch_adamw(demo_data, tmp_path, pynative_after):
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                     labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
             (nll / tokens).backward()
-            total += float(nll)
+            total += float(nll.detach())
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         opt.step()
         ref_losses.append(total / tokens)

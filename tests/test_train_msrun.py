@@ -26,14 +26,15 @@ def test_two_msrun_workers_match_single_process(demo_data, tmp_path):
     msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
     if not os.path.exists(msrun):
         pytest.skip("msrun is not installed next to this python")
-    # global batch 8 both ways: 1 process x 4 micro batches of 2, or 2 workers x 2 micro batches of 2 each
+    # global batch 4 both ways: 1 process x 2 accumulated micro batches of 2 (three graphs per step), or
+    # 2 workers x 1 micro batch of 2 (one graph with the AllReduce inside, then the update)
     single = tiny_job(demo_data["data"], str(tmp_path / "single"), demo_data["vocab_size"],
-                      runner_config={"batch_size": 2, "max_steps": 8, "gradient_accumulation_steps": 4})
+                      runner_config={"batch_size": 2, "max_steps": 8, "gradient_accumulation_steps": 2})
     run_train(write_yaml(str(tmp_path / "single.yaml"), single))
     # the shipped DP config's context and parallel sections, the test's model and data
     shipped = load_job_config(os.path.join(REPO, "yaml_configs", "tiny", "finetune_tiny_cpu_dp2.yaml"))
     dp = tiny_job(demo_data["data"], str(tmp_path / "dp"), demo_data["vocab_size"],
-                  runner_config={"batch_size": 2, "max_steps": 8, "gradient_accumulation_steps": 2},
+                  runner_config={"batch_size": 2, "max_steps": 8, "gradient_accumulation_steps": 1},
                   parallel={"parallel_mode": shipped.parallel.parallel_mode},
                   parallel_config={"data_parallel": shipped.parallel_config.data_parallel})
     cfg = write_yaml(str(tmp_path / "dp.yaml"), dp)

@@ -24,10 +24,11 @@ class AccumulatingRunner:
     """Micro-batch gradient accumulation + data-parallel reduction + clipping + AdamW, as three graphs."""
 
     def __init__(self, model, trainable, optimizer, world_size: int, job):
-        from telechat_ms.train.step import (AccumulateStep, AllReduceSum, ApplyGrads, FinalizeGrads, LossSum,
-                                            ZeroGrads, make_buffers)
+        from telechat_ms.train.step import (AccumulateStep, AllReduceSum, ApplyGrads, FinalizeGrads,
+                                            GradAndFinalize, LossSum, ZeroGrads, make_buffers)
         accu = make_buffers(trainable)
         self.accumulate = AccumulateStep(LossSum(model), trainable, accu)
+        self.single = GradAndFinalize(LossSum(model), trainable, accu, world_size)
         self.finalize = FinalizeGrads(accu, world_size)
         self.apply = ApplyGrads(optimizer, accu)
         self.zero = ZeroGrads(accu)
@@ -37,6 +38,13 @@ class AccumulatingRunner:
     def run(self, micro: list[dict], tokens: int, positions, loss_scale: float) -> StepOutcome:
         from mindspore import Tensor
         scale = Tensor(np.float32(loss_scale))
+        tokens = max(tokens, 1)
+        if len(micro) == 1:  # no accumulation: gradients, reduction, scaling and norm in one graph
+            batch = micro[0]
+            cos, sin, mask = positions(batch)
+            loss_t, norm_t = self.single(Tensor(batch["input_ids"]), Tensor(batch["labels"]), cos, sin, mask, scale,
+                                         Tensor(np.float32(1.0 / (tokens * loss_scale))))
+            return self._apply(float(loss_t.asnumpy()) / loss_scale / tokens, float(norm_t.asnumpy()))
         loss_sum = 0.0
         for batch in micro:
             cos, sin, mask = positions(batch)
@@ -44,9 +52,13 @@ class AccumulatingRunner:
             loss_sum += float(out.asnumpy())
         if self.all_reduce is not None:
             loss_sum = float(self.all_reduce(Tensor(np.float32(loss_sum))).asnumpy())
-        tokens = max(tokens, 1)
         loss = loss_sum / loss_scale / tokens
         norm = float(self.finalize(Tensor(np.float32(1.0 / (tokens * loss_scale)))).asnumpy())
+        return self._apply(loss, norm)
+
+    def _apply(self, loss: float, norm: float) -> StepOutcome:
+        """Clip and apply the finalized gradients, or drop them when the step overflowed."""
+        from mindspore import Tensor
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.zero()  # nothing is applied: weights and optimizer state stay as they were
             return StepOutcome(loss, norm, False)

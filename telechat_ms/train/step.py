@@ -87,6 +87,32 @@ class FinalizeGrads(nn.Cell):
         return F.depend(self.sqrt(self.addn(squares)), done)
 
 
+class GradAndFinalize(nn.Cell):
+    """Without accumulation: one graph does AccumulateStep + FinalizeGrads (same values, one launch fewer)."""
+
+    def __init__(self, loss_sum: LossSum, params: list[Parameter], accu: ParameterTuple, world_size: int):
+        super().__init__(auto_prefix=False)
+        self.network = loss_sum
+        self.weights = ParameterTuple(params)
+        self.accu = accu
+        self.grad = C.GradOperation(get_by_list=True)
+        self.hyper_map = C.HyperMap()
+        self.reducer = nn.DistributedGradReducer(accu, mean=False, degree=world_size) if world_size > 1 else None
+        self.loss_reduce = P.AllReduce() if world_size > 1 else None
+        self.sqrt = P.Sqrt()
+        self.addn = P.AddN()
+
+    def construct(self, input_ids, labels, cos, sin, attn_mask, loss_scale, scale):
+        loss = self.network(input_ids, labels, cos, sin, attn_mask, loss_scale)
+        grads = self.grad(self.network, self.weights)(input_ids, labels, cos, sin, attn_mask, loss_scale)
+        if self.reducer is not None:
+            grads = self.reducer(grads)
+            loss = self.loss_reduce(loss)
+        done = self.hyper_map(F.partial(_scale_into, scale), self.accu, grads)
+        squares = self.hyper_map(_square_sum, self.accu)
+        return F.depend(loss, done), F.depend(self.sqrt(self.addn(squares)), done)
+
+
 class ApplyGrads(nn.Cell):
     """Clip (the host passes the factor) and apply the optimizer to the buffers, then zero them."""
 
