@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from telechat_ms.errors import CheckpointError
+from telechat_ms.io import read_json_object
 
 # safetensors dtype tag -> (our name, numpy storage dtype)
 _ST_DTYPES = {
@@ -71,10 +72,6 @@ def convert_dtype(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
         f32 = _bf16_bits_to_f32(part) if src == "bfloat16" else part.astype(np.float32)
         out[start:start + _CHUNK] = _f32_to_bf16_bits(f32) if dst == "bfloat16" else f32
     return out.reshape(arr.shape)
-
-
-def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
-    return convert_dtype(arr, dtype, "float32")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -265,11 +262,7 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def load_index(index_path: str) -> dict:
-    try:
-        with open(index_path, encoding="utf-8") as fh:
-            index = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{index_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    index = read_json_object(index_path, CheckpointError)
     if not isinstance(index.get("weight_map"), dict):
         raise CheckpointError(f"{index_path}: missing 'weight_map'")
     return index

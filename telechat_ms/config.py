@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from telechat_ms.errors import ConfigError
-from telechat_ms.io import atomic_write_text
+from telechat_ms.io import atomic_write_text, read_json_object
 
 # HF config.json aliases: (our field, other names found in released or transformers-style configs).
 _ALIASES = {
@@ -191,14 +191,7 @@ class TeleChatConfig:
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise ConfigError(f"{file}: no config.json found")
-        try:
-            with open(file, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{file}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: expected a JSON object")
-        return cls.from_dict(data, source=file)
+        return cls.from_dict(read_json_object(file, ConfigError), source=file)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json the released torch code reads (its field names, plus any preserved extras)."""

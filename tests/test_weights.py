@@ -32,7 +32,7 @@ def test_name_map_is_a_bijection():
 
 
 def test_model_parameter_names_follow_the_map():
-    ms = pytest.importorskip("mindspore")  # noqa: F841
+    pytest.importorskip("mindspore")
     from telechat_ms.model.telechat import TeleChatForCausalLM
     cfg = TeleChatConfig.preset("tiny", vocab_size=64, n_layer=2, embed_layernorm=True)
     model = TeleChatForCausalLM(cfg)
@@ -232,7 +232,12 @@ def test_crash_mid_write_leaves_no_output(tiny_gqa_ckpt, tmp_path, monkeypatch, 
 
 
 def test_cli_convert_and_validate(tiny_gqa_ckpt, tmp_path, meta_dir, capsys):
-    assert main(["convert", "hf2ms", tiny_gqa_ckpt, str(tmp_path / "ms"), "--dtype", "float16", "--quiet"]) == 0
+    src = _copy(tiny_gqa_ckpt, tmp_path / "src")
+    shutil.copy(meta_dir / "tokenizer.model", os.path.join(src, "tokenizer.model"))
+    shutil.copy(meta_dir / "generation_config.json", os.path.join(src, "generation_config.json"))
+    assert main(["convert", "hf2ms", src, str(tmp_path / "ms"), "--dtype", "float16", "--quiet"]) == 0
     assert "wrote 23 tensors" in capsys.readouterr().out
+    for name in ("tokenizer.model", "generation_config.json"):  # tokenizer files travel with the weights
+        assert (tmp_path / "ms" / name).read_bytes() == (meta_dir / name).read_bytes()
     assert main(["validate-index", str(meta_dir / "model.safetensors.index.json")]) == 0
     assert json.loads(capsys.readouterr().out)["tensors"] == 963

@@ -163,8 +163,8 @@ def _generate_data_parallel(model, tokenizer, args: argparse.Namespace, kwargs: 
     part = f"{args.output}.part{rank}"
     requests = (r for i, r in enumerate(batch.read_requests(args.input)) if i % size == rank)
     with open(part + ".tmp", "w", encoding="utf-8") as fh:
-        counts = batch.run_batch(model, tokenizer, requests,
-                                 lambda rec: fh.write(json.dumps(rec, ensure_ascii=False) + "\n"), **kwargs)
+        batch.run_batch(model, tokenizer, requests,
+                        lambda rec: fh.write(json.dumps(rec, ensure_ascii=False) + "\n"), **kwargs)
     os.replace(part + ".tmp", part)
     _barrier()
     if rank != 0:

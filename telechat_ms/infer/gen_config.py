@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from telechat_ms.errors import ConfigError
+from telechat_ms.io import read_json_object
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 
@@ -101,14 +101,7 @@ class GenerationConfig:
         file = os.path.join(os.fspath(path), GENERATION_CONFIG_FILE) if os.path.isdir(path) else os.fspath(path)
         if not os.path.isfile(file):
             return cls()
-        try:
-            with open(file, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{file}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file}: expected a JSON object")
-        return cls.from_dict(data, source=file)
+        return cls.from_dict(read_json_object(file, ConfigError), source=file)
 
     @classmethod
     def released(cls, **overrides: Any) -> "GenerationConfig":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 from mindspore.ops import operations as P
 
 from mindformers.models.llama.llama_layer import LlamaRMSNorm, LlamaSiLU
