@@ -209,3 +209,25 @@ def test_dynamic_loss_scale_skips_overflowing_steps(demo_data, tmp_path):
     assert re.search(r"step 2: loss or gradient is not finite \(loss [-\d.e+naif]+, grad norm (nan|inf)",
                      proc.stderr), proc.stderr[-500:]
     assert "last good checkpoint is none" in proc.stderr
+
+
+def test_packed_samples_do_not_attend_across_boundaries(tiny_gqa_ckpt):
+    """With position_ids from `process-data --no-cross-attention`, a packed row computes each sample exactly as
+    if it stood alone: positions restart and attention is blocked at the boundary."""
+    import mindspore as ms
+    from telechat_ms.model.telechat import TeleChatForCausalLM
+    from telechat_ms.train.trainer import PositionCache
+    model = TeleChatForCausalLM.from_pretrained(tiny_gqa_ckpt)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(4, 200, size=7), rng.integers(4, 200, size=9)
+    packed = np.concatenate([a, b]).astype(np.int32)[None]
+    pos = np.concatenate([np.arange(7), np.arange(9)]).astype(np.int32)[None]
+    cos, sin, mask = PositionCache(model)({"input_ids": packed, "position_ids": pos})
+    hidden = model.model(ms.Tensor(packed), cos, sin, mask)
+    logits = model.lm_head(hidden).asnumpy()[0]
+    alone_a = model(ms.Tensor(a.astype(np.int32)[None])).asnumpy()[0]
+    alone_b = model(ms.Tensor(b.astype(np.int32)[None])).asnumpy()[0]
+    np.testing.assert_allclose(logits[:7], alone_a, atol=1e-5)
+    np.testing.assert_allclose(logits[7:], alone_b, atol=1e-5)
+    plain = model(ms.Tensor(packed)).asnumpy()[0]
+    assert np.abs(plain[7:] - alone_b).max() > 1e-3  # without the boundaries the second sample sees the first
