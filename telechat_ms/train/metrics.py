@@ -49,13 +49,17 @@ class MetricsLogger:
         else:
             print(message, flush=True)
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, seconds: float) -> None:
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, seconds: float,
+             supervised: int = 0) -> None:
+        """Record one optimizer step; `tokens` = all tokens the step processed (the throughput), `supervised` =
+        the targets its loss averaged over."""
         if not self.enabled:
             return
         self.steps_run += 1
         elapsed = time.perf_counter() - self.start
         eta = elapsed / self.steps_run * (self.total - step)
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                  "supervised_tokens": supervised,
                   "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "step_s": seconds,
                   "elapsed_s": elapsed}
         self.history.append(record)

@@ -175,7 +175,8 @@ def train(job: JobConfig) -> TrainResult:
             if good_steps % wrapper.scale_window == 0:
                 loss_scale *= wrapper.scale_factor
         result.losses.append(loss)
-        logger.step(step + 1, loss=loss, lr=lr, grad_norm=norm, tokens=tokens, seconds=time.perf_counter() - t0)
+        logger.step(step + 1, loss=loss, lr=lr, grad_norm=norm, tokens=loader.global_batch * loader.seq_length,
+                    supervised=tokens, seconds=time.perf_counter() - t0)
         done = step + 1 == total_steps
         interval = job.callbacks.save_interval
         if (run.is_main or sharded) and (done or (interval > 0 and (step + 1) % interval == 0)):
