@@ -3,6 +3,8 @@
 Epoch e visits the records in the permutation of default_rng(seed + e); a global batch is
 batch_size x world_size x accumulation rows, and data-parallel rank r takes its contiguous slice of it, so any
 number of workers sees the same global batches. The position (epoch, batch index) is saved in checkpoints.
+Rows are read on demand from the shards (MindDataset with a SubsetSampler of this rank's rows), so memory does
+not grow with the dataset; each rank reads only its own rows.
 """
 from __future__ import annotations
 
@@ -26,15 +28,20 @@ class BatchLoader:
 
     def __init__(self, data_dir: str, batch_size: int, accumulation: int = 1, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True):
-        from telechat_ms.data.mindrecord import list_shards, read_mindrecord
+        import mindspore.dataset as ds
+        from telechat_ms.data.mindrecord import list_shards
         if not os.path.isdir(data_dir) or not list_shards(data_dir):
             raise DataError(f"{data_dir}: no MindRecord shards found (run `telechat-ms process-data` first)")
-        self.columns = read_mindrecord(data_dir)
-        if "input_ids" not in self.columns or "labels" not in self.columns:
-            raise DataError(f"{data_dir}: shards lack the input_ids/labels columns")
+        self.files = list_shards(data_dir)
         manifest = os.path.join(data_dir, "manifest.json")
         self.manifest = json.load(open(manifest, encoding="utf-8")) if os.path.isfile(manifest) else {}
-        self.num_records, self.seq_length = self.columns["input_ids"].shape
+        first = next(ds.MindDataset(self.files, shuffle=False, num_parallel_workers=1)
+                     .create_dict_iterator(num_epochs=1, output_numpy=True))
+        if "input_ids" not in first or "labels" not in first:
+            raise DataError(f"{data_dir}: shards lack the input_ids/labels columns")
+        self.column_names = [c for c in ("input_ids", "labels", "position_ids") if c in first]
+        self.num_records = ds.MindDataset(self.files, shuffle=False).get_dataset_size()
+        self.seq_length = int(first["input_ids"].shape[-1])
         self.micro = batch_size
         self.accumulation = accumulation
         self.rank, self.world = rank, world_size
@@ -56,7 +63,7 @@ class BatchLoader:
 
     def next_global_batch(self) -> tuple[list[dict[str, np.ndarray]], int]:
         """This rank's micro batches of the next global batch (length = accumulation), and the number of
-        supervised targets in the whole global batch (every rank's rows), which normalises the loss."""
+        supervised targets in them (the runner sums it over ranks to normalise the loss)."""
         if self.state.batch >= self.batches_per_epoch:
             self.state = LoaderState(epoch=self.state.epoch + 1, batch=0)
         order = self._order(self.state.epoch)
@@ -65,12 +72,18 @@ class BatchLoader:
         per_rank = len(rows) // self.world
         mine = rows[self.rank * per_rank:(self.rank + 1) * per_rank]
         self.state.batch += 1
-        micro = []
-        for k in range(self.accumulation):
-            idx = mine[k * self.micro:(k + 1) * self.micro]
-            micro.append({name: col[idx].astype(np.int32) for name, col in self.columns.items()})
-        labels = self.columns["labels"][rows]
-        return micro, int((labels[:, 1:] != -100).sum())
+        rows_of = self._read(mine)
+        micro = [{name: col[k * self.micro:(k + 1) * self.micro] for name, col in rows_of.items()}
+                 for k in range(self.accumulation)]
+        return micro, int((rows_of["labels"][:, 1:] != -100).sum())
+
+    def _read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The given records, in the given order, as int32 arrays [len(indices), S]."""
+        import mindspore.dataset as ds
+        data = ds.MindDataset(self.files, columns_list=self.column_names, num_parallel_workers=1,
+                              sampler=ds.SubsetSampler([int(i) for i in indices]))
+        rows = list(data.create_tuple_iterator(num_epochs=1, output_numpy=True))
+        return {name: np.stack([r[j] for r in rows]).astype(np.int32) for j, name in enumerate(self.column_names)}
 
     def state_dict(self) -> dict:
         return {"epoch": self.state.epoch, "batch": self.state.batch, "seed": self.seed,

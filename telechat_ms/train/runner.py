@@ -38,6 +38,10 @@ class AccumulatingRunner:
     def run(self, micro: list[dict], tokens: int, positions, loss_scale: float) -> StepOutcome:
         from mindspore import Tensor
         scale = Tensor(np.float32(loss_scale))
+        if self.all_reduce is not None:  # every rank's supervised targets: the loss is a global token mean
+            # CPU AllReduce takes floats only: sum (high, low) 12-bit halves so the count stays exact to 2^36
+            high, low = self.all_reduce(Tensor(np.array([tokens >> 12, tokens & 4095], dtype=np.float32))).asnumpy()
+            tokens = int(high) * 4096 + int(low)
         tokens = max(tokens, 1)
         if len(micro) == 1:  # no accumulation: gradients, reduction, scaling and norm in one graph
             batch = micro[0]
