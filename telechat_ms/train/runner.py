@@ -25,10 +25,11 @@ class AccumulatingRunner:
 
     def __init__(self, model, trainable, optimizer, world_size: int, job):
         from telechat_ms.train.step import (AccumulateStep, AllReduceSum, ApplyGrads, FinalizeGrads,
-                                            GradAndFinalize, LossSum, ZeroGrads, make_buffers)
+                                            GradAndFinalize, LossAndGrads, LossSum, ZeroGrads, make_buffers)
         accu = make_buffers(trainable)
-        self.accumulate = AccumulateStep(LossSum(model), trainable, accu)
-        self.single = GradAndFinalize(LossSum(model), trainable, accu, world_size)
+        loss_and_grads = LossAndGrads(LossSum(model), trainable)
+        self.accumulate = AccumulateStep(loss_and_grads, accu)
+        self.single = GradAndFinalize(loss_and_grads, accu, world_size)
         self.finalize = FinalizeGrads(accu, world_size)
         self.apply = ApplyGrads(optimizer, accu)
         self.zero = ZeroGrads(accu)

@@ -50,25 +50,23 @@ class LossSum(nn.Cell):
         return nll_sum * loss_scale
 
 
-class AccumulateStep(nn.Cell):
-    """One micro batch: grads of the (scaled) NLL sum added into the accumulation buffers; returns the sum."""
+class LossAndGrads(nn.Cell):
+    """(scaled NLL sum, its gradients w.r.t. the trainable parameters) for one micro batch."""
 
-    def __init__(self, loss_sum: LossSum, params: list[Parameter], accu: ParameterTuple):
+    def __init__(self, loss_sum: LossSum, params: list[Parameter]):
         super().__init__(auto_prefix=False)
         self.network = loss_sum
         self.weights = ParameterTuple(params)
-        self.accu = accu
         self.grad = C.GradOperation(get_by_list=True)
-        self.hyper_map = C.HyperMap()
 
     def construct(self, input_ids, labels, cos, sin, attn_mask, loss_scale):
         loss = self.network(input_ids, labels, cos, sin, attn_mask, loss_scale)
         grads = self.grad(self.network, self.weights)(input_ids, labels, cos, sin, attn_mask, loss_scale)
-        return F.depend(loss, self.hyper_map(_add_into, self.accu, grads))
+        return loss, grads
 
 
-class FinalizeGrads(nn.Cell):
-    """Sum the buffers over data-parallel workers, scale by 1/(tokens*loss_scale); return the global norm."""
+class ReduceScaleNorm(nn.Cell):
+    """Sum gradients over data-parallel workers, scale them into the buffers; return their global norm."""
 
     def __init__(self, accu: ParameterTuple, world_size: int):
         super().__init__(auto_prefix=False)
@@ -78,8 +76,7 @@ class FinalizeGrads(nn.Cell):
         self.sqrt = P.Sqrt()
         self.addn = P.AddN()
 
-    def construct(self, scale):
-        grads = self.accu
+    def construct(self, grads, scale):
         if self.reducer is not None:
             grads = self.reducer(grads)
         done = self.hyper_map(F.partial(_scale_into, scale), self.accu, grads)
@@ -87,30 +84,47 @@ class FinalizeGrads(nn.Cell):
         return F.depend(self.sqrt(self.addn(squares)), done)
 
 
+class AccumulateStep(nn.Cell):
+    """One micro batch: grads of the (scaled) NLL sum added into the accumulation buffers; returns the sum."""
+
+    def __init__(self, loss_and_grads: LossAndGrads, accu: ParameterTuple):
+        super().__init__(auto_prefix=False)
+        self.loss_and_grads = loss_and_grads
+        self.accu = accu
+        self.hyper_map = C.HyperMap()
+
+    def construct(self, input_ids, labels, cos, sin, attn_mask, loss_scale):
+        loss, grads = self.loss_and_grads(input_ids, labels, cos, sin, attn_mask, loss_scale)
+        return F.depend(loss, self.hyper_map(_add_into, self.accu, grads))
+
+
+class FinalizeGrads(nn.Cell):
+    """After accumulation: reduce + scale the buffers by 1/(tokens*loss_scale); return the global norm."""
+
+    def __init__(self, accu: ParameterTuple, world_size: int):
+        super().__init__(auto_prefix=False)
+        self.accu = accu
+        self.reduce_scale_norm = ReduceScaleNorm(accu, world_size)
+
+    def construct(self, scale):
+        return self.reduce_scale_norm(self.accu, scale)
+
+
 class GradAndFinalize(nn.Cell):
     """Without accumulation: one graph does AccumulateStep + FinalizeGrads (same values, one launch fewer)."""
 
-    def __init__(self, loss_sum: LossSum, params: list[Parameter], accu: ParameterTuple, world_size: int):
+    def __init__(self, loss_and_grads: LossAndGrads, accu: ParameterTuple, world_size: int):
         super().__init__(auto_prefix=False)
-        self.network = loss_sum
-        self.weights = ParameterTuple(params)
-        self.accu = accu
-        self.grad = C.GradOperation(get_by_list=True)
-        self.hyper_map = C.HyperMap()
-        self.reducer = nn.DistributedGradReducer(accu, mean=False, degree=world_size) if world_size > 1 else None
+        self.loss_and_grads = loss_and_grads
+        self.reduce_scale_norm = ReduceScaleNorm(accu, world_size)
         self.loss_reduce = P.AllReduce() if world_size > 1 else None
-        self.sqrt = P.Sqrt()
-        self.addn = P.AddN()
 
     def construct(self, input_ids, labels, cos, sin, attn_mask, loss_scale, scale):
-        loss = self.network(input_ids, labels, cos, sin, attn_mask, loss_scale)
-        grads = self.grad(self.network, self.weights)(input_ids, labels, cos, sin, attn_mask, loss_scale)
-        if self.reducer is not None:
-            grads = self.reducer(grads)
+        loss, grads = self.loss_and_grads(input_ids, labels, cos, sin, attn_mask, loss_scale)
+        norm = self.reduce_scale_norm(grads, scale)
+        if self.loss_reduce is not None:
             loss = self.loss_reduce(loss)
-        done = self.hyper_map(F.partial(_scale_into, scale), self.accu, grads)
-        squares = self.hyper_map(_square_sum, self.accu)
-        return F.depend(loss, done), F.depend(self.sqrt(self.addn(squares)), done)
+        return loss, norm
 
 
 class ApplyGrads(nn.Cell):
