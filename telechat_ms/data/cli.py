@@ -92,11 +92,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for `python -m telechat_ms.data.cli`."""
-    parser = argparse.ArgumentParser(prog="python -m telechat_ms.data.cli")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`python -m telechat_ms.data.cli`: the same parser and error handling as `telechat-ms` (telechat_ms.cli.main)."""
+    from telechat_ms.cli import main as cli_main
+    return cli_main(list(argv) if argv is not None else None)
 
 
 if __name__ == "__main__":

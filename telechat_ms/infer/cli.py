@@ -214,15 +214,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for `python -m telechat_ms.infer.cli`."""
-    parser = argparse.ArgumentParser(prog="python -m telechat_ms.infer.cli")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (TeleChatError, FileNotFoundError, PermissionError) as exc:
-        print(f"{args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    """`python -m telechat_ms.infer.cli`: the same parser and error handling as `telechat-ms` (telechat_ms.cli.main)."""
+    from telechat_ms.cli import main as cli_main
+    return cli_main(list(argv) if argv is not None else None)
 
 
 if __name__ == "__main__":

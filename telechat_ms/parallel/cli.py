@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Sequence
 
 EXIT_INVALID = 1
 EXIT_OVER_MEMORY = 3
@@ -51,18 +52,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=_plan)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry: python -m telechat_ms.parallel.cli plan --config X.yaml."""
-    from telechat_ms.errors import TeleChatError
-
-    parser = argparse.ArgumentParser(prog="telechat-ms")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except TeleChatError as exc:
-        print(f"telechat-ms plan: error: {exc}", file=sys.stderr)
-        return 2
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m telechat_ms.parallel.cli`: the same parser and error handling as `telechat-ms` (telechat_ms.cli.main)."""
+    from telechat_ms.cli import main as cli_main
+    return cli_main(list(argv) if argv is not None else None)
 
 
 if __name__ == "__main__":
