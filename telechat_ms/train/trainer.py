@@ -111,13 +111,11 @@ def train(job: JobConfig) -> TrainResult:
     run = setup_context(job)
     runner = job.runner_config
     sharded = run.parallel_mode in ("semi_auto_parallel", "auto_parallel")
-    if sharded:  # full_batch: every rank reads the whole global batch (micro batch x dp) and the graph splits it
-        loader = BatchLoader(job.train_dataset.data_dir, runner.batch_size * job.parallel_config.data_parallel,
-                             runner.gradient_accumulation_steps, seed=job.seed, shuffle=job.train_dataset.shuffle)
-    else:
-        loader = BatchLoader(job.train_dataset.data_dir, runner.batch_size, runner.gradient_accumulation_steps,
-                             rank=run.rank, world_size=run.world_size, seed=job.seed,
-                             shuffle=job.train_dataset.shuffle)
+    # full_batch (sharded): every rank reads the whole global batch (micro batch x dp) and the graph splits it
+    batch, rank, world = ((runner.batch_size * job.parallel_config.data_parallel, 0, 1) if sharded else
+                          (runner.batch_size, run.rank, run.world_size))
+    loader = BatchLoader(job.train_dataset.data_dir, batch, runner.gradient_accumulation_steps, rank=rank,
+                         world_size=world, seed=job.seed, shuffle=job.train_dataset.shuffle)
     total_steps = runner.max_steps if runner.max_steps > 0 else loader.batches_per_epoch * runner.epochs
     model, trainable = build_model(job)
     optimizer = build_optimizer(job, trainable)
@@ -144,13 +142,15 @@ def train(job: JobConfig) -> TrainResult:
         start = int(state["step"])
         loader.load_state_dict(state["loader"])
         loss_scale = float(state.get("loss_scale", loss_scale))
+        good_steps = int(state.get("good_steps", 0))
         if state.get("rng") is not None:
             ms.set_rng_state(Tensor(np.array(state["rng"], dtype=np.uint8)))
     logger = MetricsLogger(out_dir, total_steps, enabled=run.is_main, log_interval=job.callbacks.log_interval,
                            tensorboard=job.callbacks.tensorboard)
     if run.is_main:
         os.makedirs(out_dir, exist_ok=True)
-        logger.info(f"model {model.config.num_parameters() / 1e6:.2f}M params ({sum(int(np.prod(p.shape)) for p in trainable) / 1e6:.3f}M trainable), "
+        n_trainable = sum(int(np.prod(p.shape)) for p in trainable)
+        logger.info(f"model {model.config.num_parameters() / 1e6:.2f}M params ({n_trainable / 1e6:.3f}M trainable), "
                     f"{loader.num_records} sequences of {loader.seq_length}, global batch {loader.global_batch}, "
                     f"{total_steps} steps" + (f", resuming from {resume} at step {start}" if resume else ""))
     result = TrainResult(steps=total_steps)
@@ -180,7 +180,8 @@ def train(job: JobConfig) -> TrainResult:
         done = step + 1 == total_steps
         interval = job.callbacks.save_interval
         if (run.is_main or sharded) and (done or (interval > 0 and (step + 1) % interval == 0)):
-            state = {"loader": loader.state_dict(), "loss_scale": loss_scale, "lr": lr, "world_size": run.world_size,
+            state = {"loader": loader.state_dict(), "loss_scale": loss_scale, "good_steps": good_steps, "lr": lr,
+                     "world_size": run.world_size,
                      "rng": ms.get_rng_state().asnumpy().tolist()}
             last_ckpt = save_checkpoint(ckpt_root, step + 1, model_params, opt_params, state,
                                         keep=job.callbacks.keep_checkpoint_max)
