@@ -8,7 +8,6 @@ INSTALL_REQUIRES = [
     "numpy>=1.26,<2",
     "sentencepiece>=0.2.0",
     "pyyaml>=6.0",
-    "safetensors>=0.4.3",
     "tqdm>=4.66",
     "matplotlib>=3.8,<3.11",  # loss curves; 3.10 still supports numpy 1.26
 ]

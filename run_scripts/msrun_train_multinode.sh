@@ -29,11 +29,9 @@ if (( node_rank >= worker_num / local_worker_num )); then
   echo "$0: NODE_RANK $node_rank out of range for $((worker_num / local_worker_num)) node(s)" >&2; exit 2
 fi
 PYTHON=${PYTHON:-python}
-overrides=()
-for o in "$@"; do overrides+=(--override "${o#--}"); done
 set +e
-"$PYTHON" -m telechat_ms.parallel.cli plan --config "$config" --workers "$worker_num" \
-  --npus-per-node "$local_worker_num" "${overrides[@]}"
+"$PYTHON" -m telechat_ms.cli plan --config "$config" --workers "$worker_num" \
+  --npus-per-node "$local_worker_num" "$@"
 rc=$?
 set -e
 if (( rc == 1 || rc == 2 )); then

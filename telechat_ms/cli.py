@@ -1,127 +1,52 @@
-"""`telechat-ms <subcommand>`: a thin argparse front over the library modules."""
+"""`telechat-ms <command>`: one table of sub-commands, one override syntax, one error handler.
+
+Every command module in telechat_ms/commands registers its parsers; commands that read a job YAML take
+`--key.path=value` overrides (MindFormers style) after their own options. Bad input of any kind ends with
+"telechat-ms COMMAND: error: ..." on stderr and the error's exit code (2; 3 for a training stop), no traceback.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from telechat_ms.commands import checkpoints, data, infer, plan, train
 from telechat_ms.errors import TeleChatError
 
-
-def _convert(args: argparse.Namespace) -> int:
-    from telechat_ms.weights import convert_checkpoint
-    target = "ms" if args.direction == "hf2ms" else "hf"
-    index = convert_checkpoint(args.src, args.dst, target=target, dtype=args.dtype,
-                               max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                               show_progress=not args.quiet)
-    n_files = len(set(index["weight_map"].values()))
-    print(f"wrote {len(index['weight_map'])} tensors ({index['metadata']['total_size'] / 1e9:.3f} GB) "
-          f"in {n_files} file(s) to {args.dst}")
-    return 0
-
-
-def _validate_index(args: argparse.Namespace) -> int:
-    from telechat_ms.config import TeleChatConfig
-    from telechat_ms.weights import validate_index
-    cfg = TeleChatConfig.from_pretrained(args.config or args.index.rsplit("/", 1)[0])
-    report = validate_index(args.index, cfg)
-    report.pop("map")
-    print(json.dumps(report, indent=2))
-    return 0
-
-
-def _parity(args: argparse.Namespace) -> int:
-    from telechat_ms.parity import run_parity
-    result = run_parity(args.model_dir, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
-                        seed=args.seed, atol=args.atol)
-    if args.generate:
-        from telechat_ms.infer.parity_generate import run_generate_parity
-        result["generate"] = run_generate_parity(args.model_dir, new_tokens=args.generate, prompt_len=args.seq_len,
-                                                 batch_size=args.batch_size, device=args.device, seed=args.seed,
-                                                 atol=args.atol)
-        result["ok"] = result["ok"] and result["generate"]["ok"]
-    print(json.dumps(result, indent=2))
-    return 0 if result["ok"] else 1
-
-
-def _train(args: argparse.Namespace) -> int:
-    from telechat_ms.train.trainer import main as train_main
-    return train_main(args.config, args.overrides)
-
-
-def _lora_merge(args: argparse.Namespace) -> int:
-    from telechat_ms.model.lora import merge_adapter_dir
-    merge_adapter_dir(args.base, args.adapter, args.out, fmt=args.format)
-    print(f"merged {args.adapter} into {args.base}: {args.out}")
-    return 0
+COMMANDS = (checkpoints, data, train, infer, plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The telechat-ms parser with every command of COMMANDS."""
     parser = argparse.ArgumentParser(prog="telechat-ms", description="TeleChat2 on MindSpore: convert, prepare "
-                                     "data, train, infer.")
+                                     "data, train, plan, infer.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    convert = sub.add_parser("convert", help="convert checkpoints between HF and MindSpore")
-    convert.add_argument("direction", choices=["hf2ms", "ms2hf"])
-    convert.add_argument("src", help="checkpoint directory (HF, MindSpore safetensors, or the port's .ckpt)")
-    convert.add_argument("dst", help="output directory (written atomically)")
-    convert.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                         help="output dtype (default: keep each tensor's dtype)")
-    convert.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB")
-    convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    convert.add_argument("--quiet", action="store_true", help="no progress bar")
-    convert.set_defaults(func=_convert)
-
-    validate = sub.add_parser("validate-index", help="check a weight index against a config, without tensor data")
-    validate.add_argument("index", help="model.safetensors.index.json")
-    validate.add_argument("--config", default=None, help="config.json or its directory (default: the index's)")
-    validate.set_defaults(func=_validate_index)
-
-    parity = sub.add_parser("parity", help="compare MindSpore and torch-reference logits on one HF checkpoint")
-    parity.add_argument("model_dir")
-    parity.add_argument("--seq-len", type=int, default=32)
-    parity.add_argument("--batch-size", type=int, default=2)
-    parity.add_argument("--device", default="cpu", help="torch device for the reference: cpu or cuda")
-    parity.add_argument("--seed", type=int, default=0)
-    parity.add_argument("--atol", type=float, default=1e-4, help="max |delta logits| allowed")
-    parity.add_argument("--generate", type=int, default=0, metavar="N",
-                        help="also compare N greedy tokens generated with each side's kv cache")
-    parity.set_defaults(func=_parity)
-
-    train = sub.add_parser("train", help="train / fine-tune from a YAML job config (also under msrun)")
-    train.add_argument("--config", required=True, help="job YAML (see yaml_configs/)")
-    train.add_argument("overrides", nargs="*", help="--key.path=value overrides, e.g. --runner_config.batch_size=4")
-    train.set_defaults(func=_train)
-
-    lora = sub.add_parser("lora", help="LoRA adapter tools")
-    lora_sub = lora.add_subparsers(dest="lora_command", required=True)
-    merge = lora_sub.add_parser("merge", help="fold an adapter into its base model")
-    merge.add_argument("base", help="base model directory (HF or MindSpore)")
-    merge.add_argument("adapter", help="adapter directory written by training")
-    merge.add_argument("out", help="output model directory")
-    merge.add_argument("--format", choices=["ms", "hf"], default="ms", help="names of the merged checkpoint")
-    merge.set_defaults(func=_lora_merge)
-
-    for module in ("telechat_ms.data.cli", "telechat_ms.infer.cli", "telechat_ms.parallel.cli"):
-        try:
-            __import__(module, fromlist=["register"]).register(sub)
-        except ImportError:  # pragma: no cover - a module not yet present in a partial install
-            pass
+    for module in COMMANDS:
+        module.register(sub)
     return parser
 
 
+def split_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
+    """Leftover `--key.path=value` arguments become args.overrides for commands that read a YAML."""
+    if not unknown:
+        return
+    if not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    bad = [u for u in unknown if not (u.startswith("--") and "=" in u)]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (YAML overrides are written --key.path=value)")
+    args.overrides = list(args.overrides) + unknown
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # only `train` takes free-form --key.path=value overrides
-        if args.command != "train":
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        args.overrides = list(args.overrides) + unknown
+    split_overrides(parser, args, unknown)
     try:
         return int(args.func(args) or 0)
     except (TeleChatError, FileExistsError, PermissionError, FileNotFoundError) as exc:
         print(f"telechat-ms {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
 
 
 if __name__ == "__main__":

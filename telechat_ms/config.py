@@ -114,10 +114,6 @@ class TeleChatConfig:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(_PRESETS)}")
         return cls(**{**_PRESETS[key], **overrides})
 
-    @staticmethod
-    def preset_names() -> list[str]:
-        return list(_PRESETS)
-
     # ---------------------------------------------------------------- counting
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every weight of the HF checkpoint with its shape, computed from the config alone."""

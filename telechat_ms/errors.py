@@ -1,8 +1,10 @@
-"""Exceptions with messages that name the file, field or tensor at fault."""
+"""Exceptions with messages that name the file, field or tensor at fault; the CLI maps them to exit codes."""
 
 
 class TeleChatError(Exception):
-    """Base class of every error telechat_ms raises on bad input."""
+    """Base class of every error telechat_ms raises on bad input (CLI exit code 2)."""
+
+    exit_code = 2
 
 
 class ConfigError(TeleChatError, ValueError):
@@ -15,3 +17,9 @@ class CheckpointError(TeleChatError, ValueError):
 
 class DataError(TeleChatError, ValueError):
     """A data file or record is malformed."""
+
+
+class TrainingError(TeleChatError, RuntimeError):
+    """Training cannot go on (NaN/Inf loss, ...); the message names the step (CLI exit code 3)."""
+
+    exit_code = 3

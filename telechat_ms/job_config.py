@@ -1,5 +1,6 @@
 """The job YAML (MindFormers' vocabulary) as typed sections: model, parallel, recompute, runner, optimizer,
-lr schedule, dataset, callbacks. One loader for train, plan and predict.
+lr schedule, dataset, callbacks. One loader for train, plan and predict; every key is documented here, next to
+its field, and every key is read by the code (tests/test_yaml_keys.py walks the shipped YAMLs).
 
     job = load_job_config("yaml_configs/tiny/finetune_tiny_cpu.yaml", overrides=["runner_config.batch_size=4"])
 """
@@ -14,7 +15,7 @@ import yaml
 
 from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import ConfigError
-from telechat_ms.train.schema import Where, build, parse_overrides, set_dotted, to_dict, yaml_line_map
+from telechat_ms.schema import Where, build, parse_overrides, set_dotted, to_dict, yaml_line_map
 
 
 def _one_of(where: Where, path: str, value: Any, allowed: tuple) -> None:
@@ -29,18 +30,20 @@ def _positive(where: Where, path: str, value: int | float, zero_ok: bool = False
 
 @dataclass
 class ContextConfig:
-    """mindspore.set_context arguments."""
-    mode: str = "GRAPH_MODE"                 # GRAPH_MODE | PYNATIVE_MODE
-    device_target: str = "CPU"               # CPU | Ascend
-    device_id: int = 0
-    max_device_memory: str = ""              # e.g. "58GB" on Atlas 800T A2
-    jit_level: str = "O0"                    # O0 | O1 | O2 (Ascend)
-    memory_optimize_level: str = "O0"
-    save_graphs: bool = False
+    """How MindSpore runs (telechat_ms.parallel.context applies it with MindSpore 2.9's non-deprecated APIs)."""
+    mode: str = "GRAPH_MODE"                 # GRAPH_MODE | PYNATIVE_MODE (mindspore.set_context)
+    device_target: str = "CPU"               # CPU | Ascend | GPU (mindspore.set_device)
+    device_id: int = 0                       # single process only; under msrun DEVICE_ID / msrun assigns it
+    max_device_memory: str = ""              # e.g. "58GB" on Atlas 800T A2 (mindspore.runtime.set_memory max_size)
+    jit_level: str = "O0"                    # O0 | O1 | O2: JitConfig of every compiled step cell (Ascend; CPU: O0)
+    memory_optimize_level: str = "O0"        # O0 | O1 (mindspore.runtime.set_memory optimize_level)
+    save_graphs: bool = False                # dump compiled graphs under output_dir/graphs (MS_DEV_SAVE_GRAPHS)
 
     def check(self, where: Where, prefix: str) -> None:
         _one_of(where, f"{prefix}.mode", self.mode, ("GRAPH_MODE", "PYNATIVE_MODE"))
         _one_of(where, f"{prefix}.device_target", self.device_target, ("CPU", "Ascend", "GPU"))
+        _one_of(where, f"{prefix}.jit_level", self.jit_level, ("O0", "O1", "O2"))
+        _one_of(where, f"{prefix}.memory_optimize_level", self.memory_optimize_level, ("O0", "O1"))
 
 
 @dataclass
@@ -59,6 +62,9 @@ class ParallelContext:
     def check(self, where: Where, prefix: str) -> None:
         _one_of(where, f"{prefix}.parallel_mode", self.parallel_mode,
                 ("stand_alone", "data_parallel", "semi_auto_parallel", "auto_parallel"))
+        if self.parallel_mode in ("semi_auto_parallel", "auto_parallel") and not self.full_batch:
+            raise ConfigError(f"{where(prefix + '.full_batch')} must be true under {self.parallel_mode}: every rank "
+                              "feeds the whole global batch and the compiled graph splits it")
         _one_of(where, f"{prefix}.pipeline_scheduler", self.pipeline_scheduler, ("1f1b", "gpipe", "seqpipe"))
 
 
@@ -121,7 +127,10 @@ class ModelSection:
     model_config: dict[str, Any] = field(default_factory=dict)   # TeleChatConfig fields, or `preset: tiny` + fields
     lora: LoraConfig | None = None
     pipeline_offset: list = field(default_factory=list)          # layers moved between stages, e.g. [-1, 1, 1, -1]
-    fine_grain_interleave: int = 1                               # Ascend: split each layer's comm/compute in N
+    REJECTED_KEYS = {"fine_grain_interleave": "not supported: MindFormers' fine-grained interleave needs its "
+                                              "interleaved layer class, which telechat_ms layers do not implement "
+                                              "(a speed feature: results and memory are the same without it); "
+                                              "remove the key"}
 
 
 @dataclass
@@ -130,8 +139,9 @@ class RunnerConfig:
     epochs: int = 1
     max_steps: int = -1                      # optimizer steps; -1 = as many as the epochs give
     gradient_accumulation_steps: int = 1
-    sink_mode: bool = False
-    seq_length: int = 0                      # 0 = the dataset's
+    seq_length: int = 0                      # 0 = the dataset's; else must equal it (checked)
+    REJECTED_KEYS = {"sink_mode": "not supported: telechat_ms feeds every step from the host (its resumable, "
+                                  "rank-exact loader), not by MindSpore data sink; remove the key"}
 
     def check(self, where: Where, prefix: str) -> None:
         _positive(where, f"{prefix}.batch_size", self.batch_size)
@@ -184,8 +194,9 @@ class LrSchedule:
 @dataclass
 class DatasetConfig:
     data_dir: str                            # a `telechat-ms process-data` output directory
-    shuffle: bool = True
-    drop_remainder: bool = True
+    shuffle: bool = True                     # a seeded permutation of the records every epoch
+    drop_remainder: bool = True              # false: the last partial global batch is completed with the epoch's
+                                             # first records (no record skipped, static shapes kept)
 
 
 @dataclass

@@ -16,10 +16,11 @@ import numpy as np
 from tqdm import tqdm
 
 from telechat_ms.checkpoint_io import (FLOAT_DTYPES, STORAGE, TensorEntry, checkpoint_entries, convert_dtype,
-                                       itemsize, load_index, numel, parse_size, write_sharded_safetensors)
+                                       itemsize, load_index, numel, parse_size, safetensors_entries,
+                                       write_sharded_safetensors)
 from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import CheckpointError, ConfigError
-from telechat_ms.io import atomic_output_dir
+from telechat_ms.io import atomic_output_dir, read_json_object
 
 # (HF suffix, MindSpore suffix) inside one decoder layer.
 LAYER_MAP: tuple[tuple[str, str], ...] = (
@@ -51,6 +52,9 @@ _MS_TRAINING_STATE = re.compile(r"^(adam_m|adam_v|moment1|moment2|accu_grads|exp
                                 r"^(global_step|learning_rate|scale_sense|current_iterator_step|epoch_num|step_num|"
                                 r"loss_scale|last_overflow_iterator_step|beta1_power|beta2_power)$")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# A LoRA adapter directory (written by training, read by `lora merge` and load_adapter).
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def hf_to_ms(name: str) -> str:
@@ -144,16 +148,30 @@ def validate_index(index_path: str, cfg: TeleChatConfig) -> dict:
             "dtype": dtype, "map": mapped}
 
 
-def _copy_side_files(src: str, dst: str) -> None:
+def copy_tokenizer_files(src: str, dst: str, overwrite: bool = True) -> list[str]:
+    """Copy the tokenizer and generation files (TOKENIZER_FILES) of directory `src` into `dst`; `src` may also be
+    a tokenizer .model file, copied as tokenizer.model. Files already in dst are kept unless overwrite. Returns the
+    names copied."""
+    copied = []
+    if os.path.isfile(src):
+        target = os.path.join(dst, TOKENIZER_FILES[0])
+        if overwrite or not os.path.isfile(target):
+            shutil.copy2(src, target)
+            copied.append(TOKENIZER_FILES[0])
+        src = os.path.dirname(src)
     if not os.path.isdir(src):
-        return
+        return copied
     for name in TOKENIZER_FILES:
-        path = os.path.join(src, name)
-        if os.path.isfile(path):
-            shutil.copy2(path, os.path.join(dst, name))
+        path, target = os.path.join(src, name), os.path.join(dst, name)
+        if name not in copied and os.path.isfile(path) and (overwrite or not os.path.isfile(target)):
+            shutil.copy2(path, target)
+            copied.append(name)
+    return copied
 
 
 def _config_for(src: str) -> TeleChatConfig:
+    if not os.path.exists(src):
+        raise CheckpointError(f"{src}: no such checkpoint directory or file")
     folder = src if os.path.isdir(src) else os.path.dirname(src)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise ConfigError(f"{folder}: no config.json next to the weights")
@@ -188,8 +206,58 @@ def convert_checkpoint(src: str, dst: str, target: str, dtype: str | None = None
                   disable=not show_progress) as bar:
             index = write_sharded_safetensors(tmp, specs, produce, parse_size(max_shard_size), progress=bar)
         cfg.save_pretrained(tmp)
-        _copy_side_files(src, tmp)
+        copy_tokenizer_files(src, tmp)
     return index
+
+
+def merge_adapter_dir(base: str, adapter: str, out: str, fmt: str = "ms", dtype: str | None = None,
+                      max_shard_size: str | int = "5GB") -> str:
+    """`telechat-ms lora merge`: base checkpoint + adapter directory -> a plain model directory, tensor by tensor.
+
+    Every adapted weight becomes W + (alpha / rank) * B @ A in float32 (the formula LoRALinear computes); all
+    tensors are written in `dtype` (default: the config's param_dtype) with MindSpore ('ms') or HF ('hf') names.
+    Tokenizer files come from the adapter directory, else from the base.
+    """
+    cfg = _config_for(base)
+    cfg_file = os.path.join(adapter, ADAPTER_CONFIG)
+    if not os.path.isfile(cfg_file):
+        raise CheckpointError(f"{adapter}: no {ADAPTER_CONFIG} (not a LoRA adapter directory)")
+    lora = read_json_object(cfg_file, CheckpointError)
+    try:
+        scaling = float(lora["alpha"]) / int(lora["rank"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        raise CheckpointError(f"{cfg_file}: needs a positive integer 'rank' and a number 'alpha'") from None
+    adapters = {e.name: e for e in safetensors_entries(os.path.join(adapter, ADAPTER_WEIGHTS))}
+    entries = canonical_entries(checkpoint_entries(base), cfg)
+    names = list(entries)
+    dtype = dtype or cfg.param_dtype
+    used: set[str] = set()
+
+    def produce(i: int) -> np.ndarray:
+        e = entries[names[i]]
+        weight = convert_dtype(e.read(), e.dtype, "float32")
+        prefix = hf_to_ms(names[i]).removesuffix(".weight")
+        a, b = adapters.get(prefix + ".lora_a"), adapters.get(prefix + ".lora_b")
+        if a is not None and b is not None:
+            delta = convert_dtype(b.read(), b.dtype, "float32") @ convert_dtype(a.read(), a.dtype, "float32")
+            if delta.shape != weight.shape:
+                raise CheckpointError(f"{adapter}: adapter of '{prefix}' gives {list(delta.shape)}, the weight is "
+                                      f"{list(weight.shape)}")
+            weight = weight + np.float32(scaling) * delta
+            used.update((a.name, b.name))
+        return convert_dtype(weight.astype(np.float32), "float32", dtype)
+
+    out_names = names if fmt == "hf" else [hf_to_ms(n) for n in names]
+    specs = [(o, entries[n].shape, dtype) for n, o in zip(names, out_names)]
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        write_sharded_safetensors(tmp, specs, produce, parse_size(max_shard_size))
+        unused = sorted(set(adapters) - used)
+        if unused:
+            raise CheckpointError(f"{adapter}: adapter tensor '{unused[0]}' matches no weight of {base}")
+        cfg.save_pretrained(tmp)
+        copy_tokenizer_files(adapter, tmp)
+        copy_tokenizer_files(base, tmp, overwrite=False)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- model <-> files
@@ -229,5 +297,6 @@ def save_model(model, path: str, fmt: str = "ms", dtype: str | None = None,
     return path
 
 
-__all__ = ["LAYER_MAP", "GLOBAL_MAP", "hf_to_ms", "ms_to_hf", "canonical_entries", "validate_index",
-           "convert_checkpoint", "load_into_model", "save_model", "STORAGE"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LAYER_MAP", "GLOBAL_MAP", "TOKENIZER_FILES", "hf_to_ms", "ms_to_hf",
+           "canonical_entries", "validate_index", "convert_checkpoint", "copy_tokenizer_files", "merge_adapter_dir",
+           "load_into_model", "save_model", "STORAGE"]

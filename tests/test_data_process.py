@@ -12,8 +12,8 @@ import pytest
 
 from tests.data_fixtures import (DEMO, REAL_TOKENIZER, REPO, SAMPLE, demo_tok, demo_tok_dir,  # noqa: F401
                                  require_shared, rewrite_mix)
-from telechat_ms.data import ProcessOptions, create_dataset, process_data, read_mindrecord
-from telechat_ms.data.cli import main as cli_main
+from telechat_ms.data import ProcessOptions, process_data, read_mindrecord
+from telechat_ms.cli import main as cli_main
 
 MAX_LEN = 1024
 
@@ -140,7 +140,7 @@ def test_existing_output_is_not_overwritten_without_flag(tmp_path, demo_tok_dir)
 
 def test_demo_data_via_module_cli_with_boundaries_and_dataset(tmp_path, demo_tok_dir):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "telechat_ms.data.cli", "process-data", "--data-mix", str(DEMO / "demo_mix.json"),
+    cmd = [sys.executable, "-m", "telechat_ms.cli", "process-data", "--data-mix", str(DEMO / "demo_mix.json"),
            "--tokenizer", str(demo_tok_dir), "--out", str(out), "--max-seq-len", "512", "--num-workers", "2",
            "--no-cross-attention", "--pad-side", "left", "--loss-mask", "answer-only", "--no-progress"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -152,8 +152,8 @@ def test_demo_data_via_module_cli_with_boundaries_and_dataset(tmp_path, demo_tok
     pos, ids = data["position_ids"], data["input_ids"]
     assert pos.shape == ids.shape and (pos[:, 0] == 0).all()
     assert (ids[:, -1] != 3).all()  # left padding: real tokens end every row
-    dataset = create_dataset(str(out), batch_size=4, shuffle=True, seed=1)
-    batch = next(dataset.create_dict_iterator(output_numpy=True, num_epochs=1))
+    from telechat_ms.train.loader import BatchLoader  # the trainer's reader of the shards
+    batch = BatchLoader(str(out), batch_size=4, seed=1).next_global_batch()[0][0]
     assert batch["input_ids"].shape == (4, 512) and batch["position_ids"].dtype == np.int32
 
 

@@ -73,18 +73,18 @@ def test_beyond_training_seqlen_cached_is_not_the_full_forward(models):
 @pytest.mark.parametrize("mutation", ["full_length_tables", "position_off_by_one"])
 def test_a_rope_mistake_changes_the_tokens(models, monkeypatch, mutation):
     """The weights make positions matter: plausible RoPE mistakes in the cached path change greedy tokens."""
-    from telechat_ms.infer import kv_cache
+    from telechat_ms import positions
     model, ref = models
     ids = _prompt(40, 40)
     ref_seq, _ = _ref_generate(ref, ids)
-    real = kv_cache.rope_tables
+    real = positions.rope_tables
 
     def wrong(positions, total_len, *args):
         if mutation == "full_length_tables":  # NTK tables of the final length instead of the current one
             return real(positions, 40 + NEW, *args)
         return real(np.asarray(positions) + 1, total_len, *args)
 
-    monkeypatch.setattr(kv_cache, "rope_tables", wrong)
+    monkeypatch.setattr(positions, "rope_tables", wrong)
     out = model.generate(ids, max_new_tokens=NEW, use_jit=True, **NO_STOP)
     assert out.sequences[0] != ref_seq
 
@@ -174,6 +174,6 @@ def test_inference_leaves_parameters_and_training_forward_alone(models, sharp_ck
 
 
 def test_generate_parity_report(sharp_ckpt):
-    from telechat_ms.infer.parity_generate import run_generate_parity
+    from telechat_ms.reference.parity import run_generate_parity
     result = run_generate_parity(sharp_ckpt, new_tokens=8, prompt_len=30, batch_size=2, use_jit=False)
     assert result["ok"] and result["tokens_equal"] and result["total_len"] > result["training_seqlen"], result

@@ -9,8 +9,8 @@ import pytest
 ms = pytest.importorskip("mindspore")
 
 from telechat_ms.cli import main  # noqa: E402
-from telechat_ms.data.chat_template import apply_chat_template  # noqa: E402
-from telechat_ms.data.special_tokens import DEFAULT_SYSTEM_PROMPT  # noqa: E402
+from telechat_ms.chat_template import apply_chat_template  # noqa: E402
+from telechat_ms.special_tokens import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from telechat_ms.infer import chat as chat_module  # noqa: E402
 from telechat_ms.infer.generate import Step  # noqa: E402
 from telechat_ms.model.telechat import TeleChatForCausalLM  # noqa: E402

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 ms = pytest.importorskip("mindspore")
 
 from telechat_ms.model.telechat import TeleChatForCausalLM  # noqa: E402
-from telechat_ms.parity import run_parity  # noqa: E402
+from telechat_ms.reference.parity import run_parity  # noqa: E402
 from telechat_ms.reference.torch_model import TeleChatRef  # noqa: E402
 
 TRAINING_SEQLEN = 32  # tiny_config

@@ -21,6 +21,7 @@ OFFSET_115B = [[-1, -1, 0, 0, 0, 0, 0, 0], [-1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 
     (24, 2, 2, [[1, 0], [0, -1]])])
 def test_stage_layout_matches_mindformers_layer_setting(n_layer, pp, v, offset):
     import mindspore as ms
+    from telechat_ms import backend  # noqa: F401  (MindFormers imported quietly, its log out of ./output)
     from mindformers.modules.transformer.transformer import TransformerOpParallelConfig
     from mindformers.parallel_core.training_graph.transformer.utils import LayerSetting
 
@@ -64,7 +65,7 @@ def test_semi_auto_context_from_the_115b_yaml_is_set_and_read_back_on_cpu():
 
     job = load_job_config(Y115)
     try:
-        kwargs = set_semi_auto_context(job, 64)
+        kwargs = set_semi_auto_context(job.parallel, job.parallel_config, 64, job.source)
         get = ms.get_auto_parallel_context
         assert get("parallel_mode") == "semi_auto_parallel" and get("search_mode") == "sharding_propagation"
         assert get("device_num") == 64 and get("full_batch") is True and get("pipeline_stages") == 8
@@ -83,9 +84,10 @@ def test_semi_auto_context_rejects_a_world_size_mismatch_and_enables_alltoall_fo
     from telechat_ms.parallel.ascend import semi_auto_context_kwargs
 
     with pytest.raises(ConfigError, match=r"16 workers launched but parallel_config needs .* = 64"):
-        semi_auto_context_kwargs(load_job_config(Y115), 16)
+        job115 = load_job_config(Y115)
+        semi_auto_context_kwargs(job115.parallel, job115.parallel_config, 16, job115.source)
     job = load_job_config(Y7_32K, overrides=["parallel.parallel_mode=semi_auto_parallel"])
-    kwargs = semi_auto_context_kwargs(job, 8)
+    kwargs = semi_auto_context_kwargs(job.parallel, job.parallel_config, 8, job.source)
     assert kwargs["enable_alltoall"] is True and "pipeline_config" not in kwargs
 
 
@@ -93,11 +95,15 @@ def test_data_parallel_mode_refuses_model_splits_and_dp_mismatch():
     from telechat_ms.parallel.context import check_data_parallel
 
     tiny = os.path.join(REPO, "yaml_configs", "tiny", "finetune_tiny_cpu_dp2.yaml")
-    check_data_parallel(load_job_config(tiny), 2)
+
+    def check(job, size):
+        check_data_parallel(job.parallel_config, size, job.source)
+
+    check(load_job_config(tiny), 2)
     with pytest.raises(ConfigError, match="data_parallel' is 2 but 4 workers"):
-        check_data_parallel(load_job_config(tiny), 4)
+        check(load_job_config(tiny), 4)
     with pytest.raises(ConfigError, match="model_parallel' is 2 but parallel.parallel_mode data_parallel"):
-        check_data_parallel(load_job_config(tiny, overrides=["parallel_config.model_parallel=2"]), 2)
+        check(load_job_config(tiny, overrides=["parallel_config.model_parallel=2"]), 2)
 
 
 def test_ascend_switches_on_in_ascend_yamls_off_in_cpu_yamls():
@@ -125,12 +131,12 @@ def test_training_wrappers_one_step_and_pipeline(monkeypatch):
 
     model = TeleChatForCausalLM(TeleChatConfig.preset("tiny", n_layer=1, vocab_size=256))
     opt = nn.AdamWeightDecay(model.trainable_params(), 1e-3)
-    step = wrap_train_step(model, opt, load_job_config(os.path.join(REPO, "yaml_configs", "7b",
-                                                                    "finetune_telechat2_7b.yaml")))
+    job7 = load_job_config(os.path.join(REPO, "yaml_configs", "7b", "finetune_telechat2_7b.yaml"))
+    step = wrap_train_step(model, opt, job7.parallel_config, job7.runner_wrapper)
     assert type(step).__name__ == "MFTrainOneStepCell"
     seen = {}
     monkeypatch.setattr(mfw, "MFPipelineWithLossScaleCell", lambda net, o, **kw: seen.update(net=net, **kw) or net)
-    wrap_train_step(model, opt, load_job_config(os.path.join(REPO, "yaml_configs", "35b",
-                                                             "finetune_telechat2_35b.yaml")))
+    job35 = load_job_config(os.path.join(REPO, "yaml_configs", "35b", "finetune_telechat2_35b.yaml"))
+    wrap_train_step(model, opt, job35.parallel_config, job35.runner_wrapper)
     assert type(seen["net"]).__name__ == "PipelineCell" and seen["net"].micro_size == 32
     assert seen["micro_batch_num"] == 32 and seen["use_clip_grad"] is True and seen["scale_sense"] == 1.0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from telechat_ms.config import TeleChatConfig
-from telechat_ms.model.rope import rope_tables
+from telechat_ms.positions import rope_tables
 from telechat_ms.parallel.layout import ParallelDims, check_layout
 from telechat_ms.parallel.strategies import layer_strategies
 

@@ -128,7 +128,9 @@ def test_recorded_strategies_equal_the_intended_table(paths):
     job = load_job_config(paths[0])
     predict = job.run_mode == "predict"
     model = _tiny_model(job)
-    applied = parallelize(model, job, batched_inputs=not predict)
+    applied = parallelize(model, job.parallel_config, job.recompute_config, job.parallel, job.model,
+                          job.runner_config.seq_length or model.config.seq_length, batched_inputs=not predict,
+                          source=job.source)
     recorded = {k: (v.inputs, v.outputs) for k, v in recorded_strategies(model).items()}
     expected = intended_table(job, model.config.n_layer, predict)
     assert set(recorded) == set(expected), (set(recorded) ^ set(expected))

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from telechat_ms.job_config import load_job_config
-from telechat_ms.parallel.cli import main as plan_main
+from telechat_ms.cli import main as plan_main
 from telechat_ms.parallel.memory import GIB
 from telechat_ms.parallel.plan import Launch, make_plan
 from tests.conftest import REPO
@@ -41,7 +41,7 @@ def test_published_115b_launch_with_16_workers_is_rejected(capsys):
 
 def test_heads_not_divisible_by_mp_is_rejected(capsys):
     rc = plan_main(["plan", "--config", os.path.join(YAMLS, "7b", "finetune_telechat2_7b.yaml"),
-                    "--override", "parallel_config.model_parallel=3", "--override", "parallel_config.data_parallel=1"])
+                    "--parallel_config.model_parallel=3", "--parallel_config.data_parallel=1"])
     out = capsys.readouterr().out
     assert rc == 1
     assert "error: parallel_config.model_parallel: n_head 32 is not divisible by model_parallel = 3" in out
@@ -110,7 +110,7 @@ def test_plan_cli_is_registered_and_exit_codes(capsys):
     out = capsys.readouterr().out
     assert "verdict: VALID, fits in memory" in out and "weights    = 4 B x params" in out
     over = ["plan", "--config", os.path.join(YAMLS, "7b", "finetune_telechat2_7b.yaml"),
-            "--override", "context.max_device_memory=10GB"]
+            "--context.max_device_memory=10GB"]
     assert plan_main(over) == 3
 
 

@@ -222,7 +222,7 @@ def test_packed_samples_do_not_attend_across_boundaries(tiny_gqa_ckpt):
     a, b = rng.integers(4, 200, size=7), rng.integers(4, 200, size=9)
     packed = np.concatenate([a, b]).astype(np.int32)[None]
     pos = np.concatenate([np.arange(7), np.arange(9)]).astype(np.int32)[None]
-    cos, sin, mask = PositionCache(model)({"input_ids": packed, "position_ids": pos})
+    cos, sin, mask = PositionCache(model.config, "batched")({"input_ids": packed, "position_ids": pos})
     hidden = model.model(ms.Tensor(packed), cos, sin, mask)
     logits = model.lm_head(hidden).asnumpy()[0]
     alone_a = model(ms.Tensor(a.astype(np.int32)[None])).asnumpy()[0]

@@ -9,8 +9,8 @@ import json
 import random
 from pathlib import Path
 
-from telechat_ms.data import special_tokens as st
-from telechat_ms.data.chat_template import render_system, render_tool_call
+from telechat_ms import special_tokens as st
+from telechat_ms.chat_template import render_system, render_tool_call
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "demo_data"
 DEFAULT_SYSTEM = st.DEFAULT_SYSTEM_PROMPT + "\n"

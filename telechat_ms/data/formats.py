@@ -5,8 +5,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from telechat_ms.data import special_tokens as st
-from telechat_ms.data.chat_template import ROLE_ALIASES, normalize_tool_call
+from telechat_ms import special_tokens as st
+from telechat_ms.chat_template import ROLE_ALIASES, normalize_tool_call
 from telechat_ms.errors import DataError
 
 TASKS = ("sft", "pretrain")

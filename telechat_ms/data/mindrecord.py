@@ -97,20 +97,3 @@ def read_mindrecord(directory: str) -> dict[str, np.ndarray]:
     if not rows:
         return {}
     return {key: np.stack([np.asarray(r[key]) for r in rows]) for key in rows[0]}
-
-
-def create_dataset(directory: str, batch_size: int, shuffle: bool = True, seed: int = 0,
-                   num_shards: int | None = None, shard_id: int | None = None,
-                   columns: list[str] | None = None, drop_remainder: bool = True,
-                   num_parallel_workers: int | None = None) -> Any:
-    """A batched mindspore.dataset.MindDataset over the shards; num_shards/shard_id split it across data ranks."""
-    import mindspore.dataset as ds
-
-    if (num_shards is None) != (shard_id is None):
-        raise ValueError("num_shards and shard_id must be given together")
-    if shuffle:
-        ds.config.set_seed(seed)
-    dataset = ds.MindDataset(list_shards(directory), columns_list=columns, shuffle=shuffle,
-                             num_shards=num_shards, shard_id=shard_id,
-                             num_parallel_workers=num_parallel_workers)
-    return dataset.batch(batch_size, drop_remainder=drop_remainder)

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from telechat_ms.data import special_tokens as st
+from telechat_ms import special_tokens as st
 from telechat_ms.data.render import Encoded
 
 OVERLONG = ("truncate", "drop")

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from telechat_ms.data import special_tokens as st
-from telechat_ms.data.chat_template import render_messages
+from telechat_ms import special_tokens as st
+from telechat_ms.chat_template import render_messages
 from telechat_ms.data.formats import Example
 from telechat_ms.data.tokenizer import TeleChatTokenizer
 

@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from telechat_ms.data import special_tokens as st
+from telechat_ms import special_tokens as st
 from telechat_ms.errors import DataError
 from telechat_ms.io import atomic_write_text
 

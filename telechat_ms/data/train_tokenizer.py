@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
-from telechat_ms.data import special_tokens as st
+from telechat_ms import special_tokens as st
 from telechat_ms.data.formats import parse_line
 from telechat_ms.data.render import render_training_text
 from telechat_ms.data.tokenizer import TOKENIZER_FILE, TeleChatTokenizer

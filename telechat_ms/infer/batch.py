@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from telechat_ms.data.chat_template import ROLE_ALIASES, apply_chat_template
+from telechat_ms.chat_template import ROLE_ALIASES, apply_chat_template
 from telechat_ms.errors import DataError
 from telechat_ms.infer.gen_config import GenerationConfig
 from telechat_ms.infer.generate import generate
@@ -169,3 +169,52 @@ def predict_file(model, tokenizer, input_path: str, output_path: str, show_progr
         if os.path.exists(tmp):
             os.remove(tmp)
     return counts
+
+
+def init_workers() -> tuple[int, int]:
+    """(rank, size) after initialising MindSpore communication (msrun data-parallel predict)."""
+    from mindspore.communication import get_group_size, get_rank, init
+    init()
+    return get_rank(), get_group_size()
+
+
+def barrier() -> None:
+    """Wait for every worker: an AllReduce of one number (the Barrier op has no CPU kernel)."""
+    import numpy as np
+    import mindspore as ms
+    from mindspore import ops
+    ops.AllReduce()(ms.Tensor(np.ones(1, np.float32))).asnumpy()
+
+
+def predict_file_data_parallel(model, tokenizer, input_path: str, output_path: str, rank: int, size: int,
+                               **kwargs: Any) -> dict[str, int] | None:
+    """Each msrun worker answers lines rank, rank+size, ...; rank 0 merges the parts back into input order and
+    returns the counts (the other ranks return None)."""
+    part = f"{output_path}.part{rank}"
+    requests = (r for i, r in enumerate(read_requests(input_path)) if i % size == rank)
+    with open(part + ".tmp", "w", encoding="utf-8") as fh:
+        run_batch(model, tokenizer, requests, lambda rec: fh.write(json.dumps(rec, ensure_ascii=False) + "\n"),
+                  **kwargs)
+    os.replace(part + ".tmp", part)
+    barrier()
+    if rank != 0:
+        return None
+    parts = [open(f"{output_path}.part{r}", encoding="utf-8") for r in range(size)]
+    total = {"answered": 0, "errors": 0, "new_tokens": 0}
+    with open(output_path + ".tmp", "w", encoding="utf-8") as out:
+        done = False
+        while not done:
+            done = True
+            for fh in parts:
+                line = fh.readline()
+                if line:
+                    done = False
+                    rec = json.loads(line)
+                    total["errors" if "error" in rec else "answered"] += 1
+                    total["new_tokens"] += rec.get("new_tokens", 0)
+                    out.write(line)
+    for r, fh in enumerate(parts):
+        fh.close()
+        os.remove(f"{output_path}.part{r}")
+    os.replace(output_path + ".tmp", output_path)
+    return total

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
-from telechat_ms.data.chat_template import apply_chat_template
+from telechat_ms.chat_template import apply_chat_template
 from telechat_ms.infer.gen_config import GenerationConfig
 from telechat_ms.infer.generate import iter_generate, prepare_rows, resolve_config
 from telechat_ms.infer.streaming import TextStreamer

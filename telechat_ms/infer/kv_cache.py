@@ -20,8 +20,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 
-from telechat_ms.model.layers import ms_dtype
-from telechat_ms.model.rope import rope_tables
+from telechat_ms.backend import ms_dtype
+from telechat_ms.positions import cache_inputs
 
 MIN_CACHE_LEN = 128     # smallest cache length L
 MIN_PREFILL = 32        # smallest prefill width
@@ -79,7 +79,7 @@ class JitCachedStep(CachedStep):
 
 
 class DecodeSession:
-    """Host side of one generation: builds positions, tables, masks and cache indices; returns last logits."""
+    """Host side of one generation: slots, positions and lengths of every row (inputs from telechat_ms.positions)."""
 
     def __init__(self, model, batch: int, max_len: int, use_jit: bool = True):
         cfg = model.config
@@ -90,26 +90,13 @@ class DecodeSession:
         self.lengths = np.zeros(batch, np.int64)  # tokens of each row in the cache (its total length)
         self.next_slot = 0
 
-    def _tables(self, positions: np.ndarray, totals: np.ndarray) -> tuple[Tensor, Tensor]:
-        """cos, sin [B, 1, n, d]: row b's positions with the NTK tables of its total length totals[b]."""
-        cfg = self.cfg
-        cos = np.empty((self.batch, 1, positions.shape[1], cfg.head_dim), np.float32)
-        sin = np.empty_like(cos)
-        for b in range(self.batch):
-            cos[b, 0], sin[b, 0] = rope_tables(positions[b], int(totals[b]), cfg.head_dim, cfg.training_seqlen,
-                                               cfg.base_seqlen)
-        return Tensor(cos), Tensor(sin)
-
-    def _mask(self, query_slots: np.ndarray) -> Tensor:
-        """uint8 [B, 1, n, L]: 1 where key slot j is a pad of the row or lies after the query's slot."""
-        keys = np.arange(self.max_len)[None, None, :]
-        hide = (keys > query_slots[None, :, None]) | (keys < self.pad[:, None, None])
-        return Tensor(hide[:, None].astype(np.uint8))
-
-    def _index(self, slots: np.ndarray) -> Tensor:
-        """int32 [B, K, n, 3] of (row, kv head, slot): where ScatterNdUpdate writes each new key/value."""
-        b, k, s = np.meshgrid(np.arange(self.batch), np.arange(self.cfg.num_key_value_heads), slots, indexing="ij")
-        return Tensor(np.stack([b, k, s], axis=-1).astype(np.int32))
+    def _run(self, ids: np.ndarray, positions: np.ndarray, totals: np.ndarray, slots: np.ndarray,
+             last: int) -> np.ndarray:
+        """One step: ids [B, n] at the given rotary positions / cache slots; logits [B, V] of column `last`."""
+        inp = cache_inputs(self.cfg, positions, totals, slots, self.pad, self.max_len)
+        logits = self.step(Tensor(ids), Tensor(inp.cos), Tensor(inp.sin), Tensor(inp.mask), Tensor(inp.index),
+                           Tensor(np.array([last], np.int32)))
+        return logits.asnumpy()[:, 0]
 
     def prefill(self, rows: list[list[int]]) -> np.ndarray:
         """Write the (left-padded) prompts into the cache; logits [B, V] of each row's last prompt token."""
@@ -126,13 +113,11 @@ class DecodeSession:
         self.pad = longest - lengths
         for b, row in enumerate(rows):
             ids[b, self.pad[b]:longest] = row
-        slots = np.arange(width)
-        positions = np.maximum(slots[None, :] - self.pad[:, None], 0)
-        cos, sin = self._tables(positions, lengths)
-        logits = self.step(Tensor(ids), cos, sin, self._mask(slots), self._index(slots),
-                           Tensor(np.array([longest - 1], np.int32)))
+        slots = np.broadcast_to(np.arange(width), (self.batch, width))
+        positions = np.maximum(slots - self.pad[:, None], 0)
+        logits = self._run(ids, positions, lengths, slots, longest - 1)
         self.lengths, self.next_slot = lengths, longest
-        return logits.asnumpy()[:, 0]
+        return logits
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Append one token per row at the next slot; logits [B, V] for the token after it."""
@@ -140,12 +125,11 @@ class DecodeSession:
         if slot >= self.max_len:
             raise ValueError(f"kv cache of {self.max_len} slots is full")
         totals = self.lengths + 1
-        cos, sin = self._tables(self.lengths[:, None], totals)  # new token's position = tokens before it
-        ids = Tensor(np.asarray(tokens, np.int32).reshape(self.batch, 1))
-        logits = self.step(ids, cos, sin, self._mask(np.array([slot])), self._index(np.array([slot])),
-                           Tensor(np.array([0], np.int32)))
+        ids = np.asarray(tokens, np.int32).reshape(self.batch, 1)
+        # the new token's position = the tokens before it; its tables are those of the new total length
+        logits = self._run(ids, self.lengths[:, None], totals, np.full((self.batch, 1), slot), 0)
         self.lengths, self.next_slot = totals, slot + 1
-        return logits.asnumpy()[:, 0]
+        return logits
 
 
 def session_for(model, batch: int, needed_len: int, use_jit: bool = True) -> DecodeSession:

@@ -1,7 +1,5 @@
 """The TeleChat2 model in MindSpore (plain math; sharding is applied from telechat_ms.parallel)."""
-from telechat_ms.model.rope import ntk_params, rope_tables
-
-__all__ = ["ntk_params", "rope_tables", "TeleChatForCausalLM", "TeleChatModel"]
+__all__ = ["TeleChatForCausalLM", "TeleChatModel"]
 
 
 def __getattr__(name: str):

@@ -12,20 +12,10 @@ import mindspore as ms
 from mindspore import nn
 from mindspore.ops import operations as P
 
-from mindformers.models.llama.llama_layer import LlamaRMSNorm, LlamaSiLU
-from mindformers.modules.layers import Linear
-
+from telechat_ms.backend import FlashAttention, Linear, LlamaRMSNorm, LlamaSiLU, ms_dtype
 from telechat_ms.config import TeleChatConfig
 
 MASK_VALUE = -1e9  # added to masked attention scores in fp32; exp() of it is exactly 0
-
-_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
-
-
-def ms_dtype(name: str) -> ms.dtype:
-    """MindSpore dtype for a config dtype name."""
-    return _DTYPES[name]
-
 
 def rms_norm(cfg: TeleChatConfig, dim: int) -> LlamaRMSNorm:
     """RMSNorm computed in fp32 and cast back (fused Ascend kernel when cfg.fused_rms_norm)."""
@@ -87,7 +77,6 @@ class TeleChatAttention(nn.Cell):
         self.tile_kv = P.Tile()
         self.cast = P.Cast()
         if self.use_flash_attention:
-            from mindformers.modules.flash_attention import FlashAttention
             self.flash_attention = FlashAttention(head_num=self.n_head, scale_value=self.scale, input_layout="BNSD",
                                                   sparse_mode=0, use_attention_mask=True)
         else:

@@ -15,15 +15,14 @@ from mindspore import Parameter, nn
 from mindspore.common.initializer import HeUniform, initializer
 from mindspore.ops import operations as P
 
-from mindformers.modules.layers import Linear
-
+from telechat_ms.backend import Linear
+from telechat_ms.checkpoint_io import assign_from_safetensors, write_sharded_safetensors
 from telechat_ms.errors import CheckpointError, ConfigError
-from telechat_ms.io import atomic_output_dir, atomic_write_text
+from telechat_ms.io import atomic_output_dir, atomic_write_text, read_json_object
+from telechat_ms.weights import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 TARGETS = {"wq": "attention", "wk_v": "attention", "wo": "attention", "w1": "feed_forward",
            "w2": "feed_forward", "w3": "feed_forward"}
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class LoRALinear(nn.Cell):
@@ -96,7 +95,6 @@ def lora_parameters(model) -> dict[str, Parameter]:
 
 def save_adapter(model, path: str, base_model: str = "") -> str:
     """Write adapter_config.json + adapter_model.safetensors (adapter weights only), atomically."""
-    from telechat_ms.checkpoint_io import write_sharded_safetensors
     params = lora_parameters(model)
     if not params:
         raise CheckpointError("the model has no LoRA adapters to save")
@@ -111,11 +109,10 @@ def save_adapter(model, path: str, base_model: str = "") -> str:
 
 def load_adapter(model, path: str) -> None:
     """Apply the adapter config to `model` and load the adapter weights (strict)."""
-    from telechat_ms.checkpoint_io import assign_from_safetensors
     cfg_file = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(cfg_file):
         raise CheckpointError(f"{path}: no {ADAPTER_CONFIG}")
-    cfg = json.load(open(cfg_file, encoding="utf-8"))
+    cfg = read_json_object(cfg_file, CheckpointError)
     apply_lora(model, cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg["target_modules"])
     assign_from_safetensors(os.path.join(path, ADAPTER_WEIGHTS), lora_parameters(model), "adapter")
 
@@ -137,19 +134,3 @@ def merge_lora(model) -> None:
     for param in model.get_parameters():
         param.requires_grad = True
     model.lora_config = None
-
-
-def merge_adapter_dir(base: str, adapter: str, out: str, fmt: str = "ms") -> str:
-    """`telechat-ms lora merge`: base model dir + adapter dir -> a plain model dir (MindSpore or HF names)."""
-    from telechat_ms.model.telechat import TeleChatForCausalLM
-    from telechat_ms.weights import TOKENIZER_FILES
-    model = TeleChatForCausalLM.from_pretrained(base)
-    load_adapter(model, adapter)
-    merge_lora(model)
-    model.save_pretrained(out, fmt=fmt)
-    for name in TOKENIZER_FILES:
-        for folder in (adapter, base):
-            if os.path.isfile(os.path.join(folder, name)) and not os.path.isfile(os.path.join(out, name)):
-                import shutil
-                shutil.copy2(os.path.join(folder, name), os.path.join(out, name))
-    return out

@@ -1,33 +1,25 @@
 """TeleChatModel and TeleChatForCausalLM: the TeleChat2 forward (spec section 1) in MindSpore.
 
 Position-dependent inputs (rotary cos/sin tables, the attention mask) are built on the host by
-`position_inputs` and passed in, so one graph serves every length and the kv cache can follow the
-released incremental NTK rule. `model(input_ids)` builds them itself (PyNative convenience).
+telechat_ms.positions and passed in, so one graph serves every length and the kv cache can follow the
+released incremental NTK rule. `model(input_ids)` builds them itself (PyNative convenience). `generate` and
+`chat` come from telechat_ms.infer's GenerationMixin, which sits below the model and knows no concrete model.
 """
 from __future__ import annotations
 
 import os
 
-import numpy as np
 import mindspore as ms
 from mindspore import nn
 from mindspore.ops import operations as P
 
-from mindformers.models.llama.llama_layer import LlamaEmbedding
-
+from telechat_ms.backend import LlamaEmbedding, ms_dtype
 from telechat_ms.config import TeleChatConfig
-from telechat_ms.model.layers import TeleChatDecoderLayer, linear, ms_dtype, rms_norm
-from telechat_ms.model.rope import rope_tables
-
-IGNORE_INDEX = -100
-
-
-def causal_mask(q_len: int, kv_len: int | None = None, offset: int = 0) -> np.ndarray:
-    """uint8 [1, 1, q_len, kv_len]: 1 where query (at offset + i) may not see key j (j > offset + i)."""
-    kv_len = q_len + offset if kv_len is None else kv_len
-    q_pos = np.arange(q_len)[:, None] + offset
-    k_pos = np.arange(kv_len)[None, :]
-    return (k_pos > q_pos).astype(np.uint8)[None, None]
+from telechat_ms.infer.mixin import GenerationMixin
+from telechat_ms.model.layers import TeleChatDecoderLayer, linear, rms_norm
+from telechat_ms.positions import training_inputs
+from telechat_ms.special_tokens import IGNORE_INDEX
+from telechat_ms.weights import load_into_model, save_model
 
 
 class TeleChatModel(nn.Cell):
@@ -64,7 +56,7 @@ class TeleChatModel(nn.Cell):
         return self.norm_out(h)
 
 
-class TeleChatForCausalLM(nn.Cell):
+class TeleChatForCausalLM(nn.Cell, GenerationMixin):
     """TeleChat2 language model: logits [B, S, V], or the mean token loss when labels are given."""
 
     def __init__(self, cfg: TeleChatConfig):
@@ -83,18 +75,10 @@ class TeleChatForCausalLM(nn.Cell):
         self.fill_ignore = P.Fill()
         self.gather_last = P.Gather()
 
-    # ------------------------------------------------------------------ host-side inputs
-    def position_inputs(self, seq_len: int, batch_mask: np.ndarray | None = None):
-        """(cos, sin, attn_mask) Tensors for a full forward over `seq_len` tokens at positions 0..seq_len-1."""
-        cfg = self.config
-        cos, sin = rope_tables(seq_len, seq_len, cfg.head_dim, cfg.training_seqlen, cfg.base_seqlen)
-        mask = causal_mask(seq_len) if batch_mask is None else batch_mask
-        return ms.Tensor(cos), ms.Tensor(sin), ms.Tensor(mask)
-
     # ------------------------------------------------------------------ forward
     def construct(self, input_ids, labels=None, cos=None, sin=None, attn_mask=None):
-        if cos is None:
-            cos, sin, attn_mask = self.position_inputs(input_ids.shape[1])
+        if cos is None:  # PyNative convenience: one causal sequence per row (shared tables)
+            cos, sin, attn_mask = (ms.Tensor(x) for x in training_inputs(self.config, input_ids.shape[1]))
         hidden = self.model(input_ids, cos, sin, attn_mask)
         logits = self.cast(self.lm_head(hidden), ms.float32)
         if labels is None:
@@ -107,16 +91,6 @@ class TeleChatForCausalLM(nn.Cell):
         hidden = self.model.construct_with_cache(input_ids, cos, sin, attn_mask, k_caches, v_caches, cache_index)
         hidden = self.gather_last(hidden, last_index, 1)
         return self.cast(self.lm_head(hidden), ms.float32)
-
-    def generate(self, input_ids, **kwargs):
-        """Generate with the kv cache (greedy or sampling); see telechat_ms.infer.generate.generate."""
-        from telechat_ms.infer.generate import generate
-        return generate(self, input_ids, **kwargs)
-
-    def chat(self, tokenizer, question: str, history: list | None = None, stream: bool = False, **kwargs):
-        """(answer, history), or an iterator of text pieces when stream=True; see telechat_ms.infer.chat.chat."""
-        from telechat_ms.infer.chat import chat
-        return chat(self, tokenizer, question, history=history, stream=stream, **kwargs)
 
     def loss(self, logits, labels):
         """Shifted cross entropy, mean over targets != -100 (token mean over the batch)."""
@@ -140,7 +114,6 @@ class TeleChatForCausalLM(nn.Cell):
     def from_pretrained(cls, path: str | os.PathLike, config: TeleChatConfig | None = None,
                         **overrides) -> "TeleChatForCausalLM":
         """Build the model from an HF directory (converted in memory, tensor by tensor) or an hf2ms output."""
-        from telechat_ms.weights import load_into_model
         cfg = config or TeleChatConfig.from_pretrained(path)
         if overrides:
             cfg = cfg.replace(**overrides)
@@ -152,5 +125,4 @@ class TeleChatForCausalLM(nn.Cell):
     def save_pretrained(self, path: str | os.PathLike, fmt: str = "ms", dtype: str | None = None,
                         max_shard_size: str | int = "5GB") -> str:
         """Write config.json + sharded safetensors (fmt 'ms': port names; 'hf': released HF names)."""
-        from telechat_ms.weights import save_model
         return save_model(self, os.fspath(path), fmt=fmt, dtype=dtype, max_shard_size=max_shard_size)

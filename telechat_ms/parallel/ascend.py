@@ -9,15 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from telechat_ms.errors import ConfigError
+from telechat_ms.job_config import ParallelConfig, ParallelContext, RunnerWrapper
 
 
-def semi_auto_context_kwargs(job, world_size: int) -> dict[str, Any]:
+def semi_auto_context_kwargs(par: ParallelContext, pc: ParallelConfig, world_size: int,
+                             source: str) -> dict[str, Any]:
     """Arguments for mindspore.set_auto_parallel_context, from the job's `parallel` and `parallel_config`."""
-    par, pc = job.parallel, job.parallel_config
     if par.parallel_mode not in ("semi_auto_parallel", "auto_parallel"):
-        raise ConfigError(f"{job.source}: 'parallel.parallel_mode' is {par.parallel_mode}, not a semi/auto mode")
+        raise ConfigError(f"{source}: 'parallel.parallel_mode' is {par.parallel_mode}, not a semi/auto mode")
     if world_size != pc.world_size:
-        raise ConfigError(f"{job.source}: {world_size} workers launched but parallel_config needs data_parallel x "
+        raise ConfigError(f"{source}: {world_size} workers launched but parallel_config needs data_parallel x "
                           f"model_parallel x pipeline_stage x context_parallel = {pc.data_parallel} x "
                           f"{pc.model_parallel} x {pc.pipeline_stage} x {pc.context_parallel} = {pc.world_size}")
     ulysses = pc.context_parallel > 1 and pc.context_parallel_algo in ("ulysses_cp", "hybrid_cp")
@@ -41,12 +42,12 @@ def semi_auto_context_kwargs(job, world_size: int) -> dict[str, Any]:
     return kwargs
 
 
-def set_semi_auto_context(job, world_size: int) -> dict[str, Any]:
+def set_semi_auto_context(par: ParallelContext, pc: ParallelConfig, world_size: int, source: str) -> dict[str, Any]:
     """Apply the semi-auto parallel context (called by setup_context after communication.init())."""
     import mindspore as ms
     from mindspore.parallel import set_algo_parameters
 
-    kwargs = semi_auto_context_kwargs(job, world_size)
+    kwargs = semi_auto_context_kwargs(par, pc, world_size, source)
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(**kwargs)
     # MindFormers' choice for semi-auto: element-wise ops follow their neighbours' strategy, use every device.
@@ -59,9 +60,8 @@ def set_semi_auto_context(job, world_size: int) -> dict[str, Any]:
     return kwargs
 
 
-def loss_scale_sense(job):
+def loss_scale_sense(rw: RunnerWrapper):
     """scale_sense for MindFormers' wrappers: 1.0, a static value, or a dynamic loss-scale update cell."""
-    rw = job.runner_wrapper
     if rw.loss_scale == "none":
         return 1.0
     if rw.loss_scale == "static":
@@ -71,19 +71,19 @@ def loss_scale_sense(job):
                                          scale_window=rw.scale_window)
 
 
-def wrap_train_step(network_with_loss, optimizer, job):
+def wrap_train_step(network_with_loss, optimizer, pc: ParallelConfig, rw: RunnerWrapper):
     """The Ascend training step: a pipeline of micro batches (pipeline_stage > 1) or MindFormers' one-step cell.
 
     `network_with_loss(input_ids, labels, ...)` returns the scalar loss. Needs semi_auto_parallel on Ascend.
     """
-    pc, rw = job.parallel_config, job.runner_wrapper
+    from telechat_ms import backend  # noqa: F401  (MindFormers imported quietly first)
     from mindformers.wrapper.wrapper import MFPipelineWithLossScaleCell, MFTrainOneStepCell
 
     if pc.pipeline_stage > 1:
         from mindspore.parallel.nn import PipelineCell
         net = PipelineCell(network_with_loss, micro_size=pc.micro_batch_num)
         return MFPipelineWithLossScaleCell(net, optimizer, use_clip_grad=rw.use_clip_grad,
-                                           max_grad_norm=rw.max_grad_norm, scale_sense=loss_scale_sense(job),
+                                           max_grad_norm=rw.max_grad_norm, scale_sense=loss_scale_sense(rw),
                                            micro_batch_num=pc.micro_batch_num)
     return MFTrainOneStepCell(network_with_loss, optimizer, use_clip_grad=rw.use_clip_grad,
-                              max_grad_norm=rw.max_grad_norm, scale_sense=loss_scale_sense(job))
+                              max_grad_norm=rw.max_grad_norm, scale_sense=loss_scale_sense(rw))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import ConfigError
+from telechat_ms.job_config import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,8 @@ class ParallelDims:
         return self.mp * self.cp_ulysses
 
     @classmethod
-    def from_job(cls, job) -> "ParallelDims":
-        """Read parallel_config (and parallel.pipeline_interleave) of a JobConfig."""
-        pc = job.parallel_config
+    def from_config(cls, pc: ParallelConfig) -> "ParallelDims":
+        """Read a job's parallel_config section."""
         if pc.context_parallel == 1 or pc.context_parallel_algo == "colossalai_cp":
             ulysses = 1
         elif pc.context_parallel_algo == "ulysses_cp":

@@ -1,4 +1,4 @@
-"""`parallelize(model, job)`: apply the whole parallel layout of a job to a TeleChatForCausalLM from one place.
+"""`parallelize(model, ...)`: apply the whole parallel layout of a job to a TeleChatForCausalLM from one place.
 
 Shard strategies on every primitive, ring-attention flags on the flash-attention kernel, pipeline stage of
 each cell (with offsets and interleave), gradient fusion groups, and full / selective / communication
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import ConfigError
+from telechat_ms.job_config import ModelSection, ParallelConfig, ParallelContext, RecomputeConfig
 from telechat_ms.parallel.layout import ParallelDims, StageLayout, check_layout, per_stage_layers, stage_layout
 from telechat_ms.parallel.strategies import Shard, apply_strategies, strategy_table
 
@@ -33,29 +35,27 @@ class AppliedParallel:
     ring_attention: bool = False
 
 
-def recompute_sets(job, layout: StageLayout, pp: int) -> tuple[set[int], set[int], set[int]]:
-    """(full, selective, communication) recompute layer ids from job.recompute_config."""
-    rc = job.recompute_config
-    full = per_stage_layers(rc.recompute, layout, pp, f"{job.source}: recompute_config.recompute")
-    select = per_stage_layers(rc.select_recompute, layout, pp, f"{job.source}: recompute_config.select_recompute")
-    comm = per_stage_layers(getattr(rc, "select_comm_recompute", False), layout, pp,
-                            f"{job.source}: recompute_config.select_comm_recompute")
+def recompute_sets(rc: RecomputeConfig, layout: StageLayout, pp: int,
+                   source: str = "") -> tuple[set[int], set[int], set[int]]:
+    """(full, selective, communication) recompute layer ids from a recompute_config section."""
+    full = per_stage_layers(rc.recompute, layout, pp, f"{source}: recompute_config.recompute")
+    select = per_stage_layers(rc.select_recompute, layout, pp, f"{source}: recompute_config.select_recompute")
+    comm = per_stage_layers(rc.select_comm_recompute, layout, pp, f"{source}: recompute_config.select_comm_recompute")
     return full, select - full, comm - full
 
 
-def job_layout(job) -> tuple[ParallelDims, StageLayout]:
-    """Degrees and stage layout of a job, raising ConfigError for a layout the model cannot take."""
-    cfg = job.model_config()
-    dims = ParallelDims.from_job(job)
-    if dims.interleave > 1 and not job.parallel.pipeline_interleave:
-        raise ConfigError(f"{job.source}: parallel_config.pp_interleave_num {dims.interleave} needs "
+def model_layout(cfg: TeleChatConfig, pc: ParallelConfig, par: ParallelContext, section: ModelSection,
+                 seq_length: int, source: str = "") -> tuple[ParallelDims, StageLayout]:
+    """Degrees and stage layout of a model under parallel_config, raising ConfigError for a layout it cannot take."""
+    dims = ParallelDims.from_config(pc)
+    if dims.interleave > 1 and not par.pipeline_interleave:
+        raise ConfigError(f"{source}: parallel_config.pp_interleave_num {dims.interleave} needs "
                           "parallel.pipeline_interleave: true")
-    seq = job.runner_config.seq_length or cfg.seq_length
-    errors = [i for i in check_layout(cfg, dims, seq) if i.level == "error"]
+    errors = [i for i in check_layout(cfg, dims, seq_length) if i.level == "error"]
     if errors:
-        raise ConfigError(f"{job.source}: " + "; ".join(f"{i.field}: {i.message}" for i in errors))
-    layout = stage_layout(cfg.n_layer, dims.pp, dims.interleave, job.model.pipeline_offset or None,
-                          where=f"{job.source}: model.pipeline_offset")
+        raise ConfigError(f"{source}: " + "; ".join(f"{i.field}: {i.message}" for i in errors))
+    layout = stage_layout(cfg.n_layer, dims.pp, dims.interleave, section.pipeline_offset or None,
+                          where=f"{source}: model.pipeline_offset")
     return dims, layout
 
 
@@ -88,9 +88,8 @@ def _norm_tail(norm):
     return norm.norm if not getattr(norm, "self_define", True) else norm.mul2
 
 
-def _recompute(model, job, full: set[int], select: set[int], comm: set[int], flash: bool) -> None:
+def _recompute(model, rc: RecomputeConfig, full: set[int], select: set[int], comm: set[int], flash: bool) -> None:
     """Full recompute of whole layers, selective recompute of primitives, comm recompute of norm all-gathers."""
-    rc = job.recompute_config
     for i, layer in enumerate(model.model.layers):
         if i in full:
             layer.recompute(mp_comm_recompute=rc.mp_comm_recompute,
@@ -120,21 +119,22 @@ def _ring_attention(model, dims: ParallelDims) -> bool:
     return True
 
 
-def parallelize(model, job, batched_inputs: bool = True) -> AppliedParallel:
-    """Apply the job's parallel layout to `model` (a freshly built TeleChatForCausalLM); returns what was done.
+def parallelize(model, pc: ParallelConfig, rc: RecomputeConfig, par: ParallelContext, section: ModelSection,
+                seq_length: int, batched_inputs: bool = True, source: str = "") -> AppliedParallel:
+    """Apply a parallel layout to `model` (a freshly built TeleChatForCausalLM); returns what was done.
 
-    batched_inputs: the rope tables and mask come per sample ([B, 1, S, d], [B, 1, S, S]) as the trainer feeds
-    them; False for shared [S, d] tables and a [1, 1, S, S] mask.
+    batched_inputs: the rope tables and mask come per sample ([B, 1, S, d], [B, 1, S, S]: positions.BATCHED);
+    False for shared [S, d] tables and a [1, 1, S, S] mask (positions.SHARED). The caller feeds the same layout.
     """
     cfg = model.config
-    dims, layout = job_layout(job)
+    dims, layout = model_layout(cfg, pc, par, section, seq_length, source)
     fused = not getattr(model.model.norm_out, "self_define", True)
     table = strategy_table(cfg, dims, fused_norm=fused, batched_inputs=batched_inputs)
     apply_strategies(model, table)
     ring = _ring_attention(model, dims) if cfg.use_flash_attention else False
     _pipeline_stages(model, dims, layout)
-    _comm_fusion(model, dims, job.parallel_config.gradient_aggregation_group)
-    full, select, comm = recompute_sets(job, layout, dims.pp)
-    _recompute(model, job, full, select, comm, cfg.use_flash_attention)
+    _comm_fusion(model, dims, pc.gradient_aggregation_group)
+    full, select, comm = recompute_sets(rc, layout, dims.pp, source)
+    _recompute(model, rc, full, select, comm, cfg.use_flash_attention)
     return AppliedParallel(dims=dims, table=table, layout=layout, full_recompute=full, select_recompute=select,
                            comm_recompute=comm, ring_attention=ring)

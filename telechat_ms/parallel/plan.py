@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import ConfigError
+from telechat_ms.job_config import JobConfig
 from telechat_ms.parallel.layout import Issue, ParallelDims, StageLayout, check_layout, stage_layout
 from telechat_ms.parallel.memory import (FORMULAS, GIB, PREDICT_FORMULAS, Flops, MemoryInputs, StageMemory,
                                          predict_memory, stage_memory, training_flops)
@@ -75,7 +77,7 @@ def _gib(text: str) -> float | None:
     raise ConfigError(f"context.max_device_memory {text!r}: expected a size like '58GB'")
 
 
-def _check_job(job, cfg, dims: ParallelDims, seq: int, launch: Launch) -> tuple[list[Issue], StageLayout | None]:
+def _check_job(job: JobConfig, cfg: TeleChatConfig, dims: ParallelDims, seq: int, launch: Launch) -> tuple[list[Issue], StageLayout | None]:
     """Layout checks plus launch, mode, switch, batch and recompute checks."""
     issues = check_layout(cfg, dims, seq)
     err = lambda f, m: issues.append(Issue("error", f, m))   # noqa: E731
@@ -111,25 +113,22 @@ def _check_job(job, cfg, dims: ParallelDims, seq: int, launch: Launch) -> tuple[
     if rows % (dims.cp * dims.mp):
         err("runner_config.batch_size", f"batch_size x seq_length = {rows} tokens per micro batch is not "
             f"divisible by context_parallel x model_parallel = {dims.cp * dims.mp} (row-parallel loss)")
-    if job.model.fine_grain_interleave > 1:
-        warn("model.fine_grain_interleave", "MindFormers' fine-grained interleave needs its interleaved layer "
-             "class; telechat_ms layers ignore it (a speed feature: no effect on memory or results)")
     layout = None
     try:
         layout = stage_layout(cfg.n_layer, dims.pp, dims.interleave, job.model.pipeline_offset or None)
-        recompute_sets(job, layout, dims.pp)
+        recompute_sets(job.recompute_config, layout, dims.pp, job.source)
     except ConfigError as exc:
         err("model.pipeline_offset / recompute_config", str(exc))
         layout = None
     return issues, layout
 
 
-def make_plan(job, launch: Launch | None = None, hbm_gb: float = 64.0, runtime_reserve_gb: float = 2.0,
+def make_plan(job: JobConfig, launch: Launch | None = None, hbm_gb: float = 64.0, runtime_reserve_gb: float = 2.0,
               mfu: float = 0.4, peak_tflops: float = 313.0) -> PlanReport:
     """Validate a job against a launch and estimate memory, FLOPs and throughput."""
     launch = launch or Launch()
     cfg = job.model_config()
-    dims = ParallelDims.from_job(job)
+    dims = ParallelDims.from_config(job.parallel_config)
     seq = job.runner_config.seq_length or cfg.seq_length
     issues, layout = _check_job(job, cfg, dims, seq, launch)
     report = PlanReport(source=job.source, dims=dims, issues=issues, launch=launch, mfu=mfu, peak_tflops=peak_tflops)
@@ -140,7 +139,7 @@ def make_plan(job, launch: Launch | None = None, hbm_gb: float = 64.0, runtime_r
     if job.run_mode == "predict":
         report.stages = [predict_memory(cfg, dims, job.runner_config.batch_size, seq)]
         return report
-    full, select, comm = recompute_sets(job, layout, dims.pp)
+    full, select, comm = recompute_sets(job.recompute_config, layout, dims.pp, job.source)
     accumulate = dims.pp > 1 or job.runner_config.gradient_accumulation_steps > 1
     inp = MemoryInputs(seq=seq, micro_batch_size=job.runner_config.batch_size, compute_dtype=cfg.compute_dtype,
                        parallel_optimizer=job.parallel.enable_parallel_optimizer and

@@ -2,19 +2,23 @@
 
 Epoch e visits the records in the permutation of default_rng(seed + e); a global batch is
 batch_size x world_size x accumulation rows, and data-parallel rank r takes its contiguous slice of it, so any
-number of workers sees the same global batches. The position (epoch, batch index) is saved in checkpoints.
+number of workers sees the same global batches. The records left over after the last full global batch are
+dropped (drop_remainder, the default) or make one more batch completed with the epoch's first records, so that no
+record is skipped and every batch keeps its static shape. The position (epoch, batch index) is saved in
+checkpoints.
 Rows are read on demand from the shards (MindDataset with a SubsetSampler of this rank's rows), so memory does
 not grow with the dataset; each rank reads only its own rows.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from telechat_ms.errors import DataError
+from telechat_ms.io import read_json_object
+from telechat_ms.special_tokens import IGNORE_INDEX
 
 
 @dataclass
@@ -27,14 +31,14 @@ class BatchLoader:
     """Yields dicts of int32 arrays [micro_batch, S] for one rank, micro step by micro step."""
 
     def __init__(self, data_dir: str, batch_size: int, accumulation: int = 1, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0, shuffle: bool = True, drop_remainder: bool = True):
         import mindspore.dataset as ds
         from telechat_ms.data.mindrecord import list_shards
         if not os.path.isdir(data_dir) or not list_shards(data_dir):
             raise DataError(f"{data_dir}: no MindRecord shards found (run `telechat-ms process-data` first)")
         self.files = list_shards(data_dir)
         manifest = os.path.join(data_dir, "manifest.json")
-        self.manifest = json.load(open(manifest, encoding="utf-8")) if os.path.isfile(manifest) else {}
+        self.manifest = read_json_object(manifest, DataError) if os.path.isfile(manifest) else {}
         first = next(ds.MindDataset(self.files, shuffle=False, num_parallel_workers=1)
                      .create_dict_iterator(num_epochs=1, output_numpy=True))
         if "input_ids" not in first or "labels" not in first:
@@ -49,12 +53,14 @@ class BatchLoader:
         if self.num_records < self.global_batch:
             raise DataError(f"{data_dir}: {self.num_records} sequences are fewer than one global batch "
                             f"({batch_size} x {accumulation} accumulation x {world_size} workers)")
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.drop_remainder = seed, shuffle, drop_remainder
         self.state = LoaderState()
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.num_records // self.global_batch  # the remainder is dropped, the same way every epoch
+        """Full global batches per epoch, plus one completed batch for the remainder unless it is dropped."""
+        full, rest = divmod(self.num_records, self.global_batch)
+        return full + (1 if rest and not self.drop_remainder else 0)
 
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -69,13 +75,15 @@ class BatchLoader:
         order = self._order(self.state.epoch)
         start = self.state.batch * self.global_batch
         rows = order[start:start + self.global_batch]
+        if len(rows) < self.global_batch:  # the remainder batch (drop_remainder false): complete it from the start
+            rows = np.concatenate([rows, order[:self.global_batch - len(rows)]])
         per_rank = len(rows) // self.world
         mine = rows[self.rank * per_rank:(self.rank + 1) * per_rank]
         self.state.batch += 1
         rows_of = self._read(mine)
         micro = [{name: col[k * self.micro:(k + 1) * self.micro] for name, col in rows_of.items()}
                  for k in range(self.accumulation)]
-        return micro, int((rows_of["labels"][:, 1:] != -100).sum())
+        return micro, int((rows_of["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def _read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """The given records, in the given order, as int32 arrays [len(indices), S]."""
@@ -87,11 +95,14 @@ class BatchLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.state.epoch, "batch": self.state.batch, "seed": self.seed,
-                "num_records": self.num_records, "global_batch": self.global_batch}
+                "num_records": self.num_records, "global_batch": self.global_batch,
+                "drop_remainder": self.drop_remainder}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("num_records") != self.num_records or state.get("global_batch") != self.global_batch:
+        if state.get("num_records") != self.num_records or state.get("global_batch") != self.global_batch \
+                or state.get("drop_remainder", True) != self.drop_remainder:
             raise DataError(f"cannot resume the data position: the checkpoint saw {state.get('num_records')} "
-                            f"records in global batches of {state.get('global_batch')}, this run has "
-                            f"{self.num_records} in batches of {self.global_batch}")
+                            f"records in global batches of {state.get('global_batch')} (drop_remainder "
+                            f"{state.get('drop_remainder', True)}), this run has {self.num_records} in batches of "
+                            f"{self.global_batch} (drop_remainder {self.drop_remainder})")
         self.state = LoaderState(epoch=int(state["epoch"]), batch=int(state["batch"]))

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from telechat_ms.job_config import ModelSection, ParallelConfig, ParallelContext, RecomputeConfig, RunnerWrapper
+
 
 @dataclass
 class StepOutcome:
@@ -23,7 +25,7 @@ class StepOutcome:
 class AccumulatingRunner:
     """Micro-batch gradient accumulation + data-parallel reduction + clipping + AdamW, as three graphs."""
 
-    def __init__(self, model, trainable, optimizer, world_size: int, job):
+    def __init__(self, model, trainable, optimizer, world_size: int, wrapper: RunnerWrapper, jit_config=None):
         from telechat_ms.train.step import (AccumulateStep, AllReduceSum, ApplyGrads, FinalizeGrads,
                                             GradAndFinalize, LossAndGrads, LossSum, ZeroGrads, make_buffers)
         accu = make_buffers(trainable)
@@ -34,7 +36,10 @@ class AccumulatingRunner:
         self.apply = ApplyGrads(optimizer, accu)
         self.zero = ZeroGrads(accu)
         self.all_reduce = AllReduceSum() if world_size > 1 else None
-        self.wrapper = job.runner_wrapper
+        self.wrapper = wrapper
+        if jit_config is not None:  # context.jit_level on Ascend
+            for cell in (self.accumulate, self.single, self.finalize, self.apply, self.zero):
+                cell.set_jit_config(jit_config)
 
     def run(self, micro: list[dict], tokens: int, positions, loss_scale: float) -> StepOutcome:
         from mindspore import Tensor
@@ -78,11 +83,15 @@ class SemiAutoRunner:
     Not runnable on CPU (MindSpore refuses semi_auto_parallel there): no CPU test exercises this class.
     """
 
-    def __init__(self, model, optimizer, job):
+    def __init__(self, model, optimizer, pc: ParallelConfig, rc: RecomputeConfig, par: ParallelContext,
+                 section: ModelSection, wrapper: RunnerWrapper, seq_length: int, batched_inputs: bool,
+                 jit_config=None, source: str = ""):
         from telechat_ms.parallel.ascend import wrap_train_step
         from telechat_ms.parallel.parallelize import parallelize
-        parallelize(model, job)
-        self.step = wrap_train_step(model, optimizer, job)  # model(input_ids, labels, cos, sin, mask) -> loss
+        parallelize(model, pc, rc, par, section, seq_length, batched_inputs=batched_inputs, source=source)
+        self.step = wrap_train_step(model, optimizer, pc, wrapper)  # model(ids, labels, cos, sin, mask) -> loss
+        if jit_config is not None:
+            self.step.set_jit_config(jit_config)
 
     def run(self, micro: list[dict], tokens: int, positions, loss_scale: float) -> StepOutcome:
         from mindspore import Tensor

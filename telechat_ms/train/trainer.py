@@ -11,15 +11,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from telechat_ms.errors import CheckpointError, ConfigError, DataError, TeleChatError
-from telechat_ms.job_config import JobConfig
+from telechat_ms.errors import CheckpointError, ConfigError, DataError, TrainingError
+from telechat_ms.job_config import JobConfig, OptimizerConfig
+from telechat_ms.positions import BATCHED, SHARED, training_inputs
 from telechat_ms.train.checkpoint import _fault, latest_checkpoint, load_checkpoint, save_checkpoint
 from telechat_ms.train.lr import lr_at
 from telechat_ms.train.metrics import MetricsLogger
-
-
-class TrainingError(TeleChatError, RuntimeError):
-    """Training cannot go on (NaN/Inf loss, ...); the message names the step."""
 
 
 @dataclass
@@ -31,7 +28,10 @@ class TrainResult:
 
 
 def preflight(job: JobConfig) -> None:
-    """Report missing paths before any compilation starts."""
+    """Report missing paths and a job that is not a training job before any compilation starts."""
+    if job.run_mode == "predict":
+        raise ConfigError(f"{job.source}: run_mode is predict: run it with `telechat-ms generate --config` or "
+                          "`telechat-ms serve --config`, not train")
     if job.train_dataset is None:
         raise ConfigError(f"{job.source}: missing required section 'train_dataset' (with data_dir)")
     if not os.path.isdir(job.train_dataset.data_dir):
@@ -61,42 +61,45 @@ def build_model(job: JobConfig):
     return model, trainable
 
 
-def build_optimizer(job: JobConfig, params: list):
+def build_optimizer(opt: OptimizerConfig, learning_rate: float, params: list):
     """MindFormers' AdamW (torch AdamW math: bias correction, decoupled decay); norms/biases not decayed."""
-    from mindformers.core.optim import AdamW
-    opt = job.optimizer
+    from telechat_ms.backend import AdamW
     decay = [p for p in params if not any(k in p.name for k in opt.no_decay_keywords)]
     no_decay = [p for p in params if any(k in p.name for k in opt.no_decay_keywords)]
     groups = [g for g in ({"params": decay, "weight_decay": opt.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     groups.append({"order_params": params})  # keep the gradients' order (MindSpore regroups otherwise)
-    return AdamW(groups, learning_rate=job.lr_schedule.learning_rate, betas=tuple(float(b) for b in opt.betas),
+    return AdamW(groups, learning_rate=learning_rate, betas=tuple(float(b) for b in opt.betas),
                  eps=float(opt.eps), weight_decay=float(opt.weight_decay))
 
 
 class PositionCache:
-    """Rotary tables and masks per batch layout: shared causal ones, or per-sample ones for packed data."""
+    """Rotary tables and masks of the training batches (telechat_ms.positions), as Tensors, in one fixed layout.
 
-    def __init__(self, model):
-        self.model = model
-        self.cache: dict[int, tuple] = {}
+    SHARED (data without position_ids): one causal [S, d] table set, built once per length. BATCHED: per-row
+    tables and masks; packed rows (position_ids) need it, and a semi-auto job declares the layout it feeds
+    (`parallelize(..., batched_inputs=...)`).
+    """
+
+    def __init__(self, cfg, layout: str = SHARED):
+        self.cfg, self.layout = cfg, layout
+        self.cache: dict[tuple, tuple] = {}
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import mindspore as ms
-        from telechat_ms.model.rope import rope_tables
-        seq = batch["input_ids"].shape[1]
-        if "position_ids" not in batch:
-            if seq not in self.cache:
-                self.cache[seq] = self.model.position_inputs(seq)
-            return self.cache[seq]
-        cfg = self.model.config
-        pos = batch["position_ids"].astype(np.int64)                        # restarts at 0 per packed sample
-        cos, sin = rope_tables(np.arange(seq), seq, cfg.head_dim, cfg.training_seqlen, cfg.base_seqlen)
-        segment = np.cumsum(pos == 0, axis=1)                              # sample index of every token
-        same = segment[:, :, None] == segment[:, None, :]
-        causal = np.tril(np.ones((seq, seq), dtype=bool))[None]
-        mask = (~(same & causal)).astype(np.uint8)[:, None]
-        return (ms.Tensor(cos[pos][:, None]), ms.Tensor(sin[pos][:, None]), ms.Tensor(mask))
+        rows, seq = batch["input_ids"].shape
+        pos = batch.get("position_ids")
+        if pos is None and (seq, rows) in self.cache:
+            return self.cache[(seq, rows)]
+        out = tuple(ms.Tensor(x) for x in training_inputs(self.cfg, seq, rows, pos, self.layout))
+        if pos is None:
+            self.cache[(seq, rows)] = out
+        return out
+
+
+def input_layout(has_position_ids: bool) -> str:
+    """The layout the trainer feeds for a dataset: per-row inputs for packed rows, shared causal ones otherwise."""
+    return BATCHED if has_position_ids else SHARED
 
 
 def train(job: JobConfig) -> TrainResult:
@@ -104,24 +107,36 @@ def train(job: JobConfig) -> TrainResult:
     preflight(job)
     import mindspore as ms
     from mindspore import Tensor
+    from telechat_ms.backend import use_log_dir as backend_log_dir
     from telechat_ms.parallel.context import setup_context
     from telechat_ms.train.loader import BatchLoader
     from telechat_ms.train.runner import AccumulatingRunner, SemiAutoRunner
 
-    run = setup_context(job)
+    backend_log_dir(job.output_dir)
+    run = setup_context(job.context, job.parallel, job.parallel_config, job.source, job.output_dir)
     runner = job.runner_config
     sharded = run.parallel_mode in ("semi_auto_parallel", "auto_parallel")
     # full_batch (sharded): every rank reads the whole global batch (micro batch x dp) and the graph splits it
     batch, rank, world = ((runner.batch_size * job.parallel_config.data_parallel, 0, 1) if sharded else
                           (runner.batch_size, run.rank, run.world_size))
     loader = BatchLoader(job.train_dataset.data_dir, batch, runner.gradient_accumulation_steps, rank=rank,
-                         world_size=world, seed=job.seed, shuffle=job.train_dataset.shuffle)
+                         world_size=world, seed=job.seed, shuffle=job.train_dataset.shuffle,
+                         drop_remainder=job.train_dataset.drop_remainder)
+    if runner.seq_length and runner.seq_length != loader.seq_length:
+        raise ConfigError(f"{job.source}: 'runner_config.seq_length' is {runner.seq_length} but the rows of "
+                          f"{job.train_dataset.data_dir} hold {loader.seq_length} tokens (set 0 to use the data's)")
     total_steps = runner.max_steps if runner.max_steps > 0 else loader.batches_per_epoch * runner.epochs
     model, trainable = build_model(job)
-    optimizer = build_optimizer(job, trainable)
-    stepper = SemiAutoRunner(model, optimizer, job) if sharded else \
-        AccumulatingRunner(model, trainable, optimizer, run.world_size, job)
-    positions = PositionCache(model)
+    optimizer = build_optimizer(job.optimizer, job.lr_schedule.learning_rate, trainable)
+    layout = input_layout("position_ids" in loader.column_names)
+    jit_config = run.jit_config() if run.device_target != "CPU" else None
+    if sharded:
+        stepper = SemiAutoRunner(model, optimizer, job.parallel_config, job.recompute_config, job.parallel,
+                                 job.model, job.runner_wrapper, loader.seq_length, layout == BATCHED, jit_config,
+                                 job.source)
+    else:
+        stepper = AccumulatingRunner(model, trainable, optimizer, run.world_size, job.runner_wrapper, jit_config)
+    positions = PositionCache(model.config, layout)
 
     out_dir = job.output_dir
     # Replicated weights (stand_alone, data_parallel): rank 0 writes one checkpoint. Sharded weights
@@ -195,8 +210,9 @@ def train(job: JobConfig) -> TrainResult:
 
 
 def _save_final(job: JobConfig, model, loader) -> str:
-    """The model directory convert / from_pretrained / chat accept (adapter only for LoRA runs)."""
-    import shutil
+    """The model directory convert / from_pretrained / chat accept (adapter only for LoRA runs), with the
+    tokenizer the data was made with."""
+    from telechat_ms.weights import copy_tokenizer_files
     final = os.path.join(job.output_dir, "final")
     if job.model.lora is not None:
         from telechat_ms.model.lora import save_adapter
@@ -206,16 +222,5 @@ def _save_final(job: JobConfig, model, loader) -> str:
     tokenizer = loader.manifest.get("tokenizer", {})
     tok_path = tokenizer.get("path") if isinstance(tokenizer, dict) else None
     if tok_path and os.path.isfile(tok_path):
-        shutil.copy2(tok_path, os.path.join(final, "tokenizer.model"))
+        copy_tokenizer_files(os.path.dirname(tok_path), final)
     return final
-
-
-def main(config: str, overrides: list[str]) -> int:
-    from telechat_ms.job_config import load_job_config
-    job = load_job_config(config, overrides)
-    try:
-        train(job)
-    except TrainingError as exc:
-        print(f"telechat-ms train: {exc}", file=sys.stderr)
-        return 3
-    return 0

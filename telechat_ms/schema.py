@@ -116,6 +116,9 @@ def build(cls: type, data: dict[str, Any], where: Where, prefix: str = "") -> An
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
+            rejected = getattr(cls, "REJECTED_KEYS", {}).get(key)
+            if rejected:
+                raise ConfigError(f"{where(path)}: {rejected}")
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             hint = f"; did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else \
                 f"; valid keys: {', '.join(sorted(fields))}"

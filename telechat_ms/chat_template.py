@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
-from telechat_ms.data import special_tokens as st
+from telechat_ms import special_tokens as st
 
 ROLE_ALIASES = {"system": "system", "user": "user", "assistant": "assistant", "bot": "assistant", "tool": "tool"}
 

@@ -1,14 +1,10 @@
-"""`telechat-ms chat` and `telechat-ms generate`; `register(subparsers)` wires them into the telechat-ms CLI.
-
-Also runnable alone: python -m telechat_ms.infer.cli generate MODEL_DIR --prompt "..."
-"""
+"""`chat` and `generate`: a terminal chat, and answers for one prompt or a jsonl file (also under msrun)."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from typing import Any, Sequence
+from typing import Any
 
 from telechat_ms.errors import TeleChatError
 
@@ -45,13 +41,18 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in pairs.items() if v is not None}
 
 
+def _set_device(target: str | None) -> None:
+    """mindspore.set_device for --device-target (before any kernel runs)."""
+    if target:
+        import mindspore as ms
+        ms.set_device(target)
+
+
 def _load(args: argparse.Namespace):
     """(model, tokenizer) from the command line."""
-    import mindspore as ms
     from telechat_ms.data.tokenizer import TeleChatTokenizer
     from telechat_ms.model.telechat import TeleChatForCausalLM
-    if args.device_target:
-        ms.set_context(device_target=args.device_target)
+    _set_device(args.device_target)
     tokenizer = TeleChatTokenizer.from_pretrained(args.tokenizer or args.model_dir)
     model = TeleChatForCausalLM.from_pretrained(args.model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -107,22 +108,8 @@ def _chat(args: argparse.Namespace) -> int:
               f"{s['prefill_seconds']:.2f} s; {stream.finish_reason}]", flush=True)
 
 
-def _world() -> tuple[int, int]:
-    """(rank, size) after initialising MindSpore communication (msrun data-parallel predict)."""
-    from mindspore.communication import get_group_size, get_rank, init
-    init()
-    return get_rank(), get_group_size()
-
-
-def _barrier() -> None:
-    """Wait for every worker: an AllReduce of one number (the Barrier op has no CPU kernel)."""
-    import numpy as np
-    import mindspore as ms
-    from mindspore import ops
-    ops.AllReduce()(ms.Tensor(np.ones(1, np.float32))).asnumpy()
-
-
 def _generate(args: argparse.Namespace) -> int:
+    from telechat_ms.chat_template import apply_chat_template
     from telechat_ms.infer import batch
     if bool(args.input) == bool(args.prompt):
         raise TeleChatError("give exactly one of --input FILE.jsonl or --prompt TEXT")
@@ -130,16 +117,14 @@ def _generate(args: argparse.Namespace) -> int:
         raise TeleChatError("--input needs --output FILE.jsonl")
     world = None
     if args.data_parallel:  # communication first: on Ascend it binds each worker to its device
-        if args.device_target:
-            import mindspore as ms
-            ms.set_context(device_target=args.device_target)
-        world = _world()
+        _set_device(args.device_target)
+        world = batch.init_workers()
     model, tokenizer = _load(args)
     options = _options(args)
     if args.prompt:
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
             [{"role": "user", "content": args.prompt}]
-        req = batch.Request("--prompt", 1, 1, batch.apply_chat_template(messages, add_generation_prompt=True))
+        req = batch.Request("--prompt", 1, 1, apply_chat_template(messages, add_generation_prompt=True))
         records: list[dict] = []
         batch.run_batch(model, tokenizer, iter([req]), records.append, use_jit=not args.no_jit, **options)
         print(records[0]["answer"])
@@ -148,50 +133,16 @@ def _generate(args: argparse.Namespace) -> int:
     if not args.data_parallel:
         counts = batch.predict_file(model, tokenizer, args.input, args.output, show_progress=not args.quiet, **kwargs)
     else:
-        counts = _generate_data_parallel(model, tokenizer, args, kwargs, *world)
-        if counts is None:
+        counts = batch.predict_file_data_parallel(model, tokenizer, args.input, args.output, *world, **kwargs)
+        if counts is None:  # not rank 0
             return 0
     print(f"wrote {counts['answered']} answers ({counts['new_tokens']} tokens), {counts['errors']} bad line(s) "
           f"to {args.output}", file=sys.stderr)
     return 0
 
 
-def _generate_data_parallel(model, tokenizer, args: argparse.Namespace, kwargs: dict, rank: int,
-                            size: int) -> dict | None:
-    """Each msrun worker answers lines rank, rank+size, ...; rank 0 merges the parts back into input order."""
-    from telechat_ms.infer import batch
-    part = f"{args.output}.part{rank}"
-    requests = (r for i, r in enumerate(batch.read_requests(args.input)) if i % size == rank)
-    with open(part + ".tmp", "w", encoding="utf-8") as fh:
-        batch.run_batch(model, tokenizer, requests,
-                        lambda rec: fh.write(json.dumps(rec, ensure_ascii=False) + "\n"), **kwargs)
-    os.replace(part + ".tmp", part)
-    _barrier()
-    if rank != 0:
-        return None
-    parts = [open(f"{args.output}.part{r}", encoding="utf-8") for r in range(size)]
-    total = {"answered": 0, "errors": 0, "new_tokens": 0}
-    with open(args.output + ".tmp", "w", encoding="utf-8") as out:
-        done = False
-        while not done:
-            done = True
-            for fh in parts:
-                line = fh.readline()
-                if line:
-                    done = False
-                    rec = json.loads(line)
-                    total["errors" if "error" in rec else "answered"] += 1
-                    total["new_tokens"] += rec.get("new_tokens", 0)
-                    out.write(line)
-    for r, fh in enumerate(parts):
-        fh.close()
-        os.remove(f"{args.output}.part{r}")
-    os.replace(args.output + ".tmp", args.output)
-    return total
-
-
 def register(subparsers: "argparse._SubParsersAction") -> None:
-    """Add `chat` and `generate` to a telechat-ms argparse subparsers object."""
+    """Add chat and generate."""
     c = subparsers.add_parser("chat", help="interactive multi-turn chat in the terminal (streamed)",
                               description=f"Chat with a TeleChat2 checkpoint. {CHAT_HELP}")
     _add_generation_args(c)
@@ -211,13 +162,3 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="under msrun: every worker answers its share of the lines; rank 0 writes --output")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m telechat_ms.infer.cli`: the same parser and error handling as `telechat-ms` (telechat_ms.cli.main)."""
-    from telechat_ms.cli import main as cli_main
-    return cli_main(list(argv) if argv is not None else None)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`telechat-ms plan`: validate a parallel job against its launch and estimate memory before queueing it.
+"""`plan`: validate a parallel job against its launch and estimate memory before queueing it.
 
 Exit codes: 0 valid and fits; 1 invalid (the launchers refuse to start); 3 valid but estimated not to fit;
 2 unreadable config (raised as a TeleChatError and reported by telechat_ms.cli).
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+
+from telechat_ms.commands.train import YAML_KEYS_HELP
 
 EXIT_INVALID = 1
 EXIT_OVER_MEMORY = 3
@@ -18,7 +19,7 @@ def _plan(args: argparse.Namespace) -> int:
     from telechat_ms.job_config import load_job_config
     from telechat_ms.parallel.plan import Launch, format_plan, make_plan
 
-    job = load_job_config(args.config, overrides=args.override)
+    job = load_job_config(args.config, overrides=args.overrides)
     launch = Launch(nodes=args.nodes, npus_per_node=args.npus_per_node, workers=args.workers)
     report = make_plan(job, launch, hbm_gb=args.hbm_gb, runtime_reserve_gb=args.runtime_reserve_gb, mfu=args.mfu,
                        peak_tflops=args.peak_tflops)
@@ -30,12 +31,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
-    """Add `plan` to a telechat-ms argparse subparsers object."""
+    """Add plan."""
     p = subparsers.add_parser(
-        "plan", help="validate a parallel job YAML against its launch and estimate per-NPU memory",
+        "plan", allow_abbrev=False, help="validate a parallel job YAML against its launch and estimate per-NPU memory",
         description="Check world size, head/kv-head/ffn/vocab vs model_parallel, layers/offsets vs pipeline_stage, "
                     "sequence vs context_parallel, micro batches and batch; estimate memory per pipeline stage, "
-                    "FLOPs and tokens/s. Exit 0 = valid and fits, 1 = invalid, 3 = valid but over memory.")
+                    "FLOPs and tokens/s. Exit 0 = valid and fits, 1 = invalid, 3 = valid but over memory.",
+        epilog=YAML_KEYS_HELP)
     p.add_argument("--config", required=True, help="job YAML (e.g. yaml_configs/115b/finetune_telechat2_115b.yaml)")
     p.add_argument("--nodes", type=int, default=None, help="nodes the launch uses (checked against the YAML)")
     p.add_argument("--npus-per-node", type=int, default=8, help="NPUs per node (Atlas 800T A2: 8)")
@@ -47,16 +49,4 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                         "max_device_memory")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation for the throughput line")
     p.add_argument("--peak-tflops", type=float, default=313.0, help="peak bf16 TFLOPS per NPU (assumed)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="YAML override, e.g. --override parallel_config.model_parallel=4 (repeatable)")
-    p.set_defaults(func=_plan)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m telechat_ms.parallel.cli`: the same parser and error handling as `telechat-ms` (telechat_ms.cli.main)."""
-    from telechat_ms.cli import main as cli_main
-    return cli_main(list(argv) if argv is not None else None)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    p.set_defaults(func=_plan, overrides=[], takes_overrides=True)

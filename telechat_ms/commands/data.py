@@ -1,17 +1,8 @@
-"""`process-data` and `train-tokenizer` subcommands; `register(subparsers)` wires them into telechat-ms.
-
-Also runnable alone: python -m telechat_ms.data.cli process-data --data-mix mix.json --tokenizer T --out DIR
-"""
+"""`process-data` and `train-tokenizer`: training data in MindRecord shards, and a small demo tokenizer."""
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-from typing import Sequence
-
-from telechat_ms.errors import TeleChatError
-
-# Options that need no MindSpore are parsed and validated before the (slow) import happens in the writer.
 
 
 def _process_data(args: argparse.Namespace) -> int:
@@ -25,11 +16,7 @@ def _process_data(args: argparse.Namespace) -> int:
         cross_attention=not args.no_cross_attention, pack=not args.no_pack,
         max_records_per_file=args.max_records_per_file, records_per_shard=args.records_per_shard,
         overwrite=args.overwrite, progress=not args.no_progress, show_errors=args.show_errors)
-    try:
-        summary = process_data(opts)
-    except (TeleChatError, FileExistsError, PermissionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = process_data(opts)
     print(format_summary(summary))
     print(f"wrote {os.path.abspath(args.out)} (manifest.json describes it)")
     return 0
@@ -39,17 +26,13 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     """Train the small demo tokenizer; returns an exit code."""
     from telechat_ms.data.train_tokenizer import train_tokenizer
 
-    try:
-        tok = train_tokenizer(args.out, args.input or None, vocab_size=args.vocab_size, model_type=args.model_type)
-    except TeleChatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    tok = train_tokenizer(args.out, args.input or None, vocab_size=args.vocab_size, model_type=args.model_type)
     print(f"wrote {os.path.join(args.out, 'tokenizer.model')} ({tok.vocab_size} pieces, sha256 {tok.sha256[:12]})")
     return 0
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
-    """Add `process-data` and `train-tokenizer` to a telechat-ms argparse subparsers object."""
+    """Add process-data and train-tokenizer."""
     p = subparsers.add_parser(
         "process-data", help="jsonl + data mix -> packed MindRecord shards",
         description="Validate, tokenize, mix, pack and write training data as MindRecord shards + manifest.json.")
@@ -89,13 +72,3 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     t.add_argument("--vocab-size", type=int, default=3000)
     t.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     t.set_defaults(func=_train_tokenizer)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m telechat_ms.data.cli`: the same parser and error handling as `telechat-ms` (telechat_ms.cli.main)."""
-    from telechat_ms.cli import main as cli_main
-    return cli_main(list(argv) if argv is not None else None)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
