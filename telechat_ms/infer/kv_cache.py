@@ -78,25 +78,43 @@ class JitCachedStep(CachedStep):
                                           cache_index, last_index)
 
 
-class DecodeSession:
-    """Host side of one generation: slots, positions and lengths of every row (inputs from telechat_ms.positions)."""
+class CacheStepper:
+    """The compiled cached step of one model over a static kv cache of `batch` rows x `max_len` slots.
+
+    `step` is the one interface between host-side schedulers (DecodeSession for generate(), the serving engine's
+    continuous batching) and whatever runs the graph: this local stepper, or a model-parallel one under msrun
+    (telechat_ms.parallel) with the same signature. Every row has its own slots, positions and total length.
+    """
 
     def __init__(self, model, batch: int, max_len: int, use_jit: bool = True):
         cfg = model.config
         self.cfg, self.batch, self.max_len = cfg, batch, max_len
         self.cache = KVCache(cfg.n_layer, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, cfg.compute_dtype)
-        self.step = (JitCachedStep if use_jit else CachedStep)(model, self.cache)
+        self.cell = (JitCachedStep if use_jit else CachedStep)(model, self.cache)
+
+    def step(self, ids: np.ndarray, positions: np.ndarray, totals: np.ndarray, slots: np.ndarray,
+             first_slot: np.ndarray, last: int) -> np.ndarray:
+        """Write ids [B, n] into the cache at slots [B, n] (rotary positions [B, n], NTK of totals [B]); each row
+        attends to its keys in [first_slot, own slot]. Returns fp32 logits [B, V] of column `last`."""
+        inp = cache_inputs(self.cfg, positions, totals, slots, first_slot, self.max_len)
+        logits = self.cell(Tensor(np.asarray(ids, np.int32)), Tensor(inp.cos), Tensor(inp.sin), Tensor(inp.mask),
+                           Tensor(inp.index), Tensor(np.array([last], np.int32)))
+        return logits.asnumpy()[:, 0]
+
+
+class DecodeSession:
+    """Host side of one generate() call over a CacheStepper: left-padded prompts, then one slot per step."""
+
+    def __init__(self, model, batch: int, max_len: int, use_jit: bool = True, stepper: CacheStepper | None = None):
+        self.stepper = stepper or CacheStepper(model, batch, max_len, use_jit)
+        self.cfg, self.batch, self.max_len = model.config, batch, max_len
         self.pad = np.zeros(batch, np.int64)   # left pads of each row
         self.lengths = np.zeros(batch, np.int64)  # tokens of each row in the cache (its total length)
         self.next_slot = 0
 
     def _run(self, ids: np.ndarray, positions: np.ndarray, totals: np.ndarray, slots: np.ndarray,
              last: int) -> np.ndarray:
-        """One step: ids [B, n] at the given rotary positions / cache slots; logits [B, V] of column `last`."""
-        inp = cache_inputs(self.cfg, positions, totals, slots, self.pad, self.max_len)
-        logits = self.step(Tensor(ids), Tensor(inp.cos), Tensor(inp.sin), Tensor(inp.mask), Tensor(inp.index),
-                           Tensor(np.array([last], np.int32)))
-        return logits.asnumpy()[:, 0]
+        return self.stepper.step(ids, positions, totals, slots, self.pad, last)
 
     def prefill(self, rows: list[list[int]]) -> np.ndarray:
         """Write the (left-padded) prompts into the cache; logits [B, V] of each row's last prompt token."""
