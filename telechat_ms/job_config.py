@@ -15,7 +15,7 @@ import yaml
 
 from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import ConfigError
-from telechat_ms.schema import Where, build, parse_overrides, set_dotted, to_dict, yaml_line_map
+from telechat_ms.schema import Where, build, parse_overrides, set_dotted, yaml_line_map
 
 
 def _one_of(where: Where, path: str, value: Any, allowed: tuple) -> None:
@@ -227,7 +227,8 @@ class JobConfig:
     lr_schedule: LrSchedule = field(default_factory=LrSchedule)
     train_dataset: DatasetConfig | None = None
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
-    source: str = ""                         # the YAML file this came from (set by the loader)
+    source: str = ""                         # the YAML file this came from (set by the loader, not a YAML key)
+    REJECTED_KEYS = {"source": "not a YAML key: the loader records the file a job came from"}
 
     def check(self, where: Where, prefix: str) -> None:
         _one_of(where, "run_mode", self.run_mode, ("finetune", "pretrain", "predict"))
@@ -253,11 +254,6 @@ class JobConfig:
             return TeleChatConfig(**fields)
         except TypeError as exc:
             raise ConfigError(f"{self.source}: model.model_config: {exc}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = to_dict(self)
-        data.pop("source", None)
-        return data
 
 
 def job_from_dict(data: dict[str, Any], source: str = "<dict>") -> JobConfig:

@@ -115,10 +115,10 @@ def build(cls: type, data: dict[str, Any], where: Where, prefix: str = "") -> An
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
+        rejected = getattr(cls, "REJECTED_KEYS", {}).get(key)
+        if rejected:
+            raise ConfigError(f"{where(path)}: {rejected}")
         if key not in fields:
-            rejected = getattr(cls, "REJECTED_KEYS", {}).get(key)
-            if rejected:
-                raise ConfigError(f"{where(path)}: {rejected}")
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             hint = f"; did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else \
                 f"; valid keys: {', '.join(sorted(fields))}"
@@ -156,14 +156,3 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         key, raw = text.split("=", 1)
         out.append((key, yaml.safe_load(raw) if raw != "" else ""))
     return out
-
-
-def to_dict(obj: Any) -> Any:
-    """A dataclass tree back to plain dicts (for writing the resolved config next to checkpoints)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj

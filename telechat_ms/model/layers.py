@@ -33,7 +33,6 @@ class RotaryEmbedding(nn.Cell):
 
     def __init__(self, head_dim: int):
         super().__init__()
-        self.half = head_dim // 2
         self.split = P.Split(axis=-1, output_num=2)
         self.neg = P.Neg()
         self.concat = P.Concat(axis=-1)
@@ -62,7 +61,6 @@ class TeleChatAttention(nn.Cell):
         self.n_rep = cfg.n_rep
         self.hidden = cfg.hidden_size
         self.use_flash_attention = cfg.use_flash_attention
-        self.compute_dtype = ms_dtype(cfg.compute_dtype)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.wq = linear(cfg, cfg.hidden_size, cfg.hidden_size, has_bias=False)
         self.wk_v = linear(cfg, cfg.hidden_size, 2 * self.n_kv * self.head_dim, has_bias=False)
@@ -186,9 +184,8 @@ class TeleChatMLP(nn.Cell):
 class TeleChatDecoderLayer(nn.Cell):
     """Pre-norm block: x + wo(attn(norm(x))), then + w2(mlp(norm(.)))."""
 
-    def __init__(self, cfg: TeleChatConfig, layer_id: int):
+    def __init__(self, cfg: TeleChatConfig):
         super().__init__()
-        self.layer_id = layer_id
         self.attention_norm = rms_norm(cfg, cfg.hidden_size)
         self.attention = TeleChatAttention(cfg)
         self.ffn_norm = rms_norm(cfg, cfg.hidden_size)
@@ -196,7 +193,6 @@ class TeleChatDecoderLayer(nn.Cell):
         self.add_attn = P.Add()
         self.add_ffn = P.Add()
         self.cast = P.Cast()
-        self.compute_dtype = ms_dtype(cfg.compute_dtype)
 
     def construct(self, x, cos, sin, attn_mask):
         h = self.attention(self.attention_norm(x), cos, sin, attn_mask)

@@ -27,13 +27,12 @@ class TeleChatModel(nn.Cell):
 
     def __init__(self, cfg: TeleChatConfig):
         super().__init__()
-        self.cfg = cfg
         self.tok_embeddings = LlamaEmbedding(cfg.vocab_size, cfg.hidden_size, init_method_std=cfg.initializer_range,
                                              param_init_type=ms_dtype(cfg.param_dtype))
         self.embed_layernorm = cfg.embed_layernorm
         if cfg.embed_layernorm:
             self.word_embeddings_layernorm = rms_norm(cfg, cfg.hidden_size)
-        self.layers = nn.CellList([TeleChatDecoderLayer(cfg, i) for i in range(cfg.n_layer)])
+        self.layers = nn.CellList([TeleChatDecoderLayer(cfg) for _ in range(cfg.n_layer)])
         self.norm_out = rms_norm(cfg, cfg.hidden_size)
         self.cast = P.Cast()
         self.compute_dtype = ms_dtype(cfg.compute_dtype)

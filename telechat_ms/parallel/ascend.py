@@ -42,12 +42,11 @@ def semi_auto_context_kwargs(par: ParallelContext, pc: ParallelConfig, world_siz
     return kwargs
 
 
-def set_semi_auto_context(par: ParallelContext, pc: ParallelConfig, world_size: int, source: str) -> dict[str, Any]:
-    """Apply the semi-auto parallel context (called by setup_context after communication.init())."""
+def apply_semi_auto_context(kwargs: dict[str, Any]) -> None:
+    """Apply semi_auto_context_kwargs (called by setup_context after communication.init())."""
     import mindspore as ms
     from mindspore.parallel import set_algo_parameters
 
-    kwargs = semi_auto_context_kwargs(par, pc, world_size, source)
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(**kwargs)
     # MindFormers' choice for semi-auto: element-wise ops follow their neighbours' strategy, use every device.
@@ -57,6 +56,12 @@ def set_semi_auto_context(par: ParallelContext, pc: ParallelConfig, world_size: 
         _set_multi_subgraphs()
     except ImportError:  # pragma: no cover - private helper moved in another MindSpore version
         pass
+
+
+def set_semi_auto_context(par: ParallelContext, pc: ParallelConfig, world_size: int, source: str) -> dict[str, Any]:
+    """Validate and apply the semi-auto parallel context; returns the arguments it set."""
+    kwargs = semi_auto_context_kwargs(par, pc, world_size, source)
+    apply_semi_auto_context(kwargs)
     return kwargs
 
 

@@ -70,62 +70,82 @@ def graph_dump_env(ctx: ContextConfig, output_dir: str) -> dict[str, str]:
     return {"MS_DEV_SAVE_GRAPHS": "1", "MS_DEV_SAVE_GRAPHS_PATH": os.path.join(os.path.abspath(output_dir), "graphs")}
 
 
-def _set_device(ctx: ContextConfig) -> None:
-    """mindspore.set_device, skipped when the process already runs on that device (it may be set only once)."""
-    import mindspore as ms
+@dataclass
+class ContextSettings:
+    """Everything setup_context will apply, computed and validated before anything is applied."""
+
+    mode: str
+    device_target: str
+    device_id: int | None
+    memory: dict[str, str]
+    env: dict[str, str]
+    jit_level: str
+    parallel_mode: str
+    world_size: int
+    auto_parallel: dict | None      # set_auto_parallel_context kwargs (data_parallel or semi-auto); None: none
+
+
+def context_settings(ctx: ContextConfig, par: ParallelContext, pc: ParallelConfig, source: str,
+                     output_dir: str = ".", world: int | None = None) -> ContextSettings:
+    """What the context / parallel sections ask of MindSpore for a launch of `world` workers (default: msrun's)."""
+    world = launched_world_size() if world is None else world
+    if ctx.device_target == "CPU" and ctx.jit_level != "O0":
+        raise ConfigError(f"{source}: 'context.jit_level' {ctx.jit_level} is Ascend-only; CPU compiles at O0")
     device_id = None
     if ctx.device_target != "CPU":
         env = os.environ.get("DEVICE_ID")
-        device_id = int(env) if env is not None else (None if launched_world_size() > 1 else ctx.device_id)
-    current = ms.get_current_device()
-    if current.device_target != ctx.device_target or (device_id is not None and current.device_id != device_id):
-        ms.set_device(ctx.device_target, device_id)
-
-
-def _set_memory(ctx: ContextConfig, source: str) -> None:
-    """mindspore.runtime.set_memory for a non-default max_device_memory / memory_optimize_level (once a process)."""
-    import mindspore as ms
-    kwargs = memory_kwargs(ctx)
-    if not kwargs:
-        return
-    try:
-        ms.runtime.set_memory(**kwargs)
-    except RuntimeError as exc:  # MindSpore allows one call per process
-        raise ConfigError(f"{source}: context.max_device_memory / memory_optimize_level: {exc}") from None
+        device_id = int(env) if env is not None else (None if world > 1 else ctx.device_id)
+    auto = None
+    if par.parallel_mode == "stand_alone":
+        if world > 1:
+            raise ConfigError(f"{source}: parallel.parallel_mode is stand_alone but {world} workers were "
+                              "launched; use data_parallel (CPU/Ascend) or semi_auto_parallel (Ascend)")
+    elif par.parallel_mode == "data_parallel":
+        check_data_parallel(pc, world, source)
+        if par.gradients_mean:
+            raise ConfigError(f"{source}: 'parallel.gradients_mean' must be false in data_parallel mode: the loss is "
+                              "already the token mean over the global batch (gradients are summed across workers)")
+        auto = {"parallel_mode": "data_parallel", "gradients_mean": False, "device_num": world}
+    else:
+        if ctx.device_target == "CPU":
+            raise ConfigError(f"{source}: parallel.parallel_mode {par.parallel_mode} needs Ascend; MindSpore "
+                              "cannot run it on CPU (use data_parallel)")
+        from telechat_ms.parallel.ascend import semi_auto_context_kwargs
+        auto = semi_auto_context_kwargs(par, pc, world, source)
+    return ContextSettings(mode=ctx.mode, device_target=ctx.device_target, device_id=device_id,
+                           memory=memory_kwargs(ctx), env=graph_dump_env(ctx, output_dir), jit_level=ctx.jit_level,
+                           parallel_mode=par.parallel_mode, world_size=world, auto_parallel=auto)
 
 
 def setup_context(ctx: ContextConfig, par: ParallelContext, pc: ParallelConfig, source: str,
                   output_dir: str = ".") -> RunContext:
     """Apply the context and parallel sections; initialise communication when more than one worker runs."""
     import mindspore as ms
-    if ctx.device_target == "CPU" and ctx.jit_level != "O0":
-        raise ConfigError(f"{source}: 'context.jit_level' {ctx.jit_level} is Ascend-only; CPU compiles at O0")
-    os.environ.update(graph_dump_env(ctx, output_dir))
-    ms.set_context(mode=ms.GRAPH_MODE if ctx.mode == "GRAPH_MODE" else ms.PYNATIVE_MODE)
-    _set_device(ctx)
-    _set_memory(ctx, source)
-    run = RunContext(device_target=ctx.device_target, jit_level=ctx.jit_level, parallel_mode=par.parallel_mode)
-    world = launched_world_size()
-    if par.parallel_mode == "stand_alone":
-        if world > 1:
-            raise ConfigError(f"{source}: parallel.parallel_mode is stand_alone but {world} workers were "
-                              "launched; use data_parallel (CPU/Ascend) or semi_auto_parallel (Ascend)")
+    settings = context_settings(ctx, par, pc, source, output_dir)
+    os.environ.update(settings.env)
+    ms.set_context(mode=ms.GRAPH_MODE if settings.mode == "GRAPH_MODE" else ms.PYNATIVE_MODE)
+    current = ms.get_current_device()  # set_device may be called once: skip it when already there
+    if current.device_target != settings.device_target or \
+            (settings.device_id is not None and current.device_id != settings.device_id):
+        ms.set_device(settings.device_target, settings.device_id)
+    if settings.memory:
+        try:
+            ms.runtime.set_memory(**settings.memory)
+        except RuntimeError as exc:  # MindSpore allows one call per process
+            raise ConfigError(f"{source}: context.max_device_memory / memory_optimize_level: {exc}") from None
+    run = RunContext(device_target=settings.device_target, jit_level=settings.jit_level,
+                     parallel_mode=settings.parallel_mode)
+    if settings.auto_parallel is None:
         return run
-    if par.parallel_mode in ("semi_auto_parallel", "auto_parallel") and ctx.device_target == "CPU":
-        raise ConfigError(f"{source}: parallel.parallel_mode {par.parallel_mode} needs Ascend; MindSpore "
-                          "cannot run it on CPU (use data_parallel)")
     from mindspore.communication import get_group_size, get_rank, init
     init()
     run.rank, run.world_size = get_rank(), get_group_size()
-    if par.parallel_mode == "data_parallel":
-        check_data_parallel(pc, run.world_size, source)
-        if par.gradients_mean:
-            raise ConfigError(f"{source}: 'parallel.gradients_mean' must be false in data_parallel mode: the loss is "
-                              "already the token mean over the global batch (gradients are summed across workers)")
+    if run.world_size != settings.world_size:
+        raise ConfigError(f"{source}: {run.world_size} workers joined but the launch announced {settings.world_size}")
+    if settings.parallel_mode == "data_parallel":
         ms.reset_auto_parallel_context()
-        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=False,
-                                     device_num=run.world_size)
+        ms.set_auto_parallel_context(**{**settings.auto_parallel, "parallel_mode": ms.ParallelMode.DATA_PARALLEL})
     else:
-        from telechat_ms.parallel.ascend import set_semi_auto_context
-        set_semi_auto_context(par, pc, run.world_size, source)
+        from telechat_ms.parallel.ascend import apply_semi_auto_context
+        apply_semi_auto_context(settings.auto_parallel)
     return run

@@ -41,9 +41,10 @@ class ParallelDims:
     @classmethod
     def from_config(cls, pc: ParallelConfig) -> "ParallelDims":
         """Read a job's parallel_config section."""
-        if pc.context_parallel == 1 or pc.context_parallel_algo == "colossalai_cp":
+        algo = pc.context_parallel_algo
+        if pc.context_parallel == 1 or algo == "colossalai_cp":
             ulysses = 1
-        elif pc.context_parallel_algo == "ulysses_cp":
+        elif algo == "ulysses_cp":
             ulysses = pc.context_parallel
         else:  # hybrid_cp
             ulysses = pc.ulysses_degree_in_cp

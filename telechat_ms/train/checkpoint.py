@@ -14,7 +14,7 @@ import numpy as np
 
 from telechat_ms.checkpoint_io import assign_from_safetensors, write_sharded_safetensors
 from telechat_ms.errors import CheckpointError
-from telechat_ms.io import atomic_output_dir, atomic_write_text
+from telechat_ms.io import atomic_output_dir, atomic_write_text, read_json_object
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -83,5 +83,4 @@ def load_checkpoint(path: str, model_params: dict, optimizer_params: dict) -> di
         raise CheckpointError(f"{path}: not a complete training checkpoint (no {STATE_FILE})")
     assign_from_safetensors(os.path.join(path, "model.safetensors"), model_params, "model")
     assign_from_safetensors(os.path.join(path, "optimizer.safetensors"), optimizer_params, "optimizer")
-    with open(state_file, encoding="utf-8") as fh:
-        return json.load(fh)
+    return read_json_object(state_file, CheckpointError)
