@@ -192,6 +192,10 @@ def test_bad_input_gets_a_4xx_naming_the_field_and_the_server_keeps_serving(serv
         client.chat.completions.create(model=MODEL, messages=SHORT, max_tokens=-1)
     r = client.chat.completions.create(model=MODEL, messages=SHORT, max_tokens=3, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
+    nulls = {"messages": SHORT, "max_tokens": 3, "temperature": 0, "n": None, "frequency_penalty": None,
+             "stream": None, "logprobs": None, "stop": None}      # explicit nulls mean the defaults
+    again = httpx.post(server.url + "/v1/chat/completions", json=nulls, timeout=30).json()
+    assert again["choices"][0]["message"]["content"] == r.choices[0].message.content
 
 
 def test_api_key_guards_the_api_with_401_json(server):

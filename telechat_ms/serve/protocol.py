@@ -8,9 +8,9 @@ a parameter either does what it says or the client is told. Errors have the Open
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 
 class APIError(Exception):
@@ -44,10 +44,24 @@ def _no_bool(value: Any) -> Any:
 Num = Annotated[float, BeforeValidator(_no_bool)]
 
 
+def _nullable(annotation: Any) -> bool:
+    return annotation is None or type(None) in get_args(annotation) or annotation is Any
+
+
 class Strict(BaseModel):
-    """Fields not declared are an error (named in the 400), never silently ignored."""
+    """Fields not declared are an error (named in the 400), never silently ignored. An explicit null means the
+    default (clients such as LangChain send `"n": null`), except where null is itself a value (max_tokens)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if v is not None or k not in fields or _nullable(fields[k].annotation)}
 
 
 # ---------------------------------------------------------------------------------------------- chat messages
@@ -89,6 +103,7 @@ class ChatMessage(Strict):
 
 class StreamOptions(Strict):
     include_usage: StrictBool = False
+    include_obfuscation: Literal[False] = False   # no obfuscation padding in chunks
 
 
 # ---------------------------------------------------------------------------------------------- requests

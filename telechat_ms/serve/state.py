@@ -112,6 +112,10 @@ def resolve_max_tokens(state: ServeState, prompt_len: int, requested: int | None
 def submit(state: ServeState, prompts: list[list[int]], params: list[SamplingParams],
            choices: list[int] | None = None) -> Submission:
     """Queue the sequences of one request; 503 (+ Retry-After) when the queue is full or the engine is down."""
+    engine = state.engine
+    if len(prompts) > engine.batch + engine.max_queue:
+        raise APIError(400, f"n: {len(prompts)} sequences (prompts x n) can never fit the {engine.batch} rows and "
+                       f"{engine.max_queue} queue places of this server", param="n")
     try:
         return state.aengine.generate(prompts, params, choices)
     except QueueFull as exc:
