@@ -19,8 +19,10 @@ httpx = pytest.importorskip("httpx")
 
 from telechat_ms.chat_template import apply_chat_template  # noqa: E402
 from telechat_ms.special_tokens import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from tests.serve_fixtures import (MAX_LEN, metric, random_ids, ref_model, serve_model_dir,  # noqa: E402,F401
-                                  tokenizer)
+from tests import serve_fixtures as fx  # noqa: E402
+from tests.serve_fixtures import MAX_LEN, metric, random_ids  # noqa: E402
+
+serve_model_dir, tokenizer, ref_model = fx.serve_model_dir, fx.tokenizer, fx.ref_model   # module fixtures
 
 MODEL = "tiny"
 
@@ -337,6 +339,11 @@ def test_models_tokenize_detokenize(server, client, tokenizer):
     assert tok["tokens"] == tokenizer.encode(text) and tok["count"] == len(tok["tokens"])
     assert httpx.post(server.url + "/detokenize", json={"tokens": tok["tokens"]}).json() == \
         {"prompt": tokenizer.decode(tok["tokens"], skip_special_tokens=False)}
+    # what lm-evaluation-harness's remote tokenizer asks (GET /tokenizer_info, then /tokenize of plain text)
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert (info["eos_token"], info["bos_token"], info["pad_token"]) == ("<_end>", "<_start>", "<_pad>")
+    eos = httpx.post(server.url + "/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False})
+    assert eos.json()["tokens"] == [2]
 
 
 def test_the_page_and_static_files_come_from_the_package_directory(server, tmp_path):

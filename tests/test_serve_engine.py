@@ -17,7 +17,10 @@ from telechat_ms.serve.output import OutputBuilder  # noqa: E402
 from telechat_ms.serve.sampler import SamplingParams, SequenceSampler  # noqa: E402
 from telechat_ms.serve.server import full_forward_scorer, local_stepper_factory  # noqa: E402
 from telechat_ms.serve.tool_parser import ToolCallStream, parse_tool_calls  # noqa: E402
-from tests.serve_fixtures import metric, random_ids, ref_model, serve_model_dir, tokenizer  # noqa: E402,F401
+from tests import serve_fixtures as fx  # noqa: E402
+from tests.serve_fixtures import metric, random_ids  # noqa: E402
+
+serve_model_dir, tokenizer, ref_model = fx.serve_model_dir, fx.tokenizer, fx.ref_model   # module fixtures
 
 ENGINE_LEN = 96
 

@@ -3,7 +3,7 @@ health, Prometheus metrics, and the web page (GET / and /static from telechat_ms
 
 Every error reaches the client as JSON {"error": {"message", "type", "param", "code"}}: validation errors name the
 field (messages[0].role, max_tokens, ...), malformed JSON says so, unexpected exceptions are logged here and
-answered 500 without a traceback. With an API key, /v1/*, /generate, /tokenize and /detokenize need
+answered 500 without a traceback. With an API key, /v1/*, /generate, /tokenize, /detokenize and /tokenizer_info need
 `Authorization: Bearer KEY` (401 otherwise); /health, /metrics and the page stay open.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from telechat_ms import special_tokens as st
 from telechat_ms.serve import openai_chat, openai_completions, released
 from telechat_ms.serve.metrics import CONTENT_TYPE
 from telechat_ms.serve.protocol import APIError, DetokenizeRequest, TokenizeRequest, error_body
@@ -123,6 +124,15 @@ def _misc_routes(guarded: APIRouter, open_routes: APIRouter, static_dir: Path) -
             ids = await encode_text(s, req.prompt)
         strs = [token_text(s.tokenizer, ids[:i], t) for i, t in enumerate(ids)] if req.return_token_strs else None
         return {"count": len(ids), "max_model_len": s.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @guarded.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> dict[str, Any]:
+        """vLLM's endpoint (lm-evaluation-harness's remote tokenizer reads it): the special tokens."""
+        s = state_of(request)
+        return {"tokenizer_class": "TeleChatTokenizer", "bos_token": st.START, "eos_token": st.END,
+                "pad_token": st.PAD, "unk_token": st.UNK, "add_bos_token": False, "add_eos_token": False,
+                "model_max_length": s.max_model_len, "vocab_size": s.vocab_size,
+                "special_tokens": dict(st.SPECIAL_TOKEN_IDS)}
 
     @guarded.post("/detokenize")
     async def detokenize(req: DetokenizeRequest, request: Request) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
@@ -28,8 +27,11 @@ import numpy as np
 from telechat_ms.infer.kv_cache import MIN_PREFILL, bucket
 from telechat_ms.serve.metrics import ServeMetrics
 from telechat_ms.serve.output import Delta, OutputBuilder, TokenLogprob
-from telechat_ms.serve.sampler import SamplingParams, SequenceSampler, log_softmax, top_logprobs
+from telechat_ms.serve.sampler import SequenceSampler, log_softmax, top_logprobs
+from telechat_ms.serve.sequence import ScoreJob, Sequence
 from telechat_ms.special_tokens import PAD_ID
+
+__all__ = ["Engine", "EngineStopped", "QueueFull", "ScoreJob", "Scorer", "Sequence", "Stepper", "StepperFactory"]
 
 log = logging.getLogger("telechat_ms.serve")
 
@@ -51,50 +53,6 @@ class QueueFull(Exception):
 
 class EngineStopped(Exception):
     """The engine thread is not running (HTTP 503)."""
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One answer being generated: its prompt, settings, where its updates go, and its engine-side state."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    sink: Callable[[Delta], None]
-    index: int = 0                  # the choice it answers in the response
-    choice: int = 0                 # its number among the n choices of its prompt (seeds its Generator)
-    arrival: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
-    cancel_step: int = 0
-    # engine-thread state
-    row: int | None = None
-    cached: int = 0
-    output_ids: list[int] = field(default_factory=list)
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    sampler: SequenceSampler | None = None
-    output: OutputBuilder | None = None
-    pending_ids: list[int] = field(default_factory=list)
-    pending_lps: list[TokenLogprob] = field(default_factory=list)
-
-    def rng(self) -> np.random.Generator | None:
-        """The sequence's own Generator: the seed for choice 0 (the draws of generate(seed=...)), (seed, i) for
-        choice i, so every prompt of a batch draws what it would alone."""
-        if self.params.greedy:
-            return None
-        seed = self.params.seed
-        if seed is None:
-            return np.random.default_rng()
-        return np.random.default_rng(seed if self.choice == 0 else [seed, self.choice])
-
-
-@dataclass(eq=False)
-class ScoreJob:
-    """Prompt log-probs from a full forward: result[i] is token i+1 given tokens 0..i."""
-
-    ids: list[int]
-    top_k: int
-    done: Callable[[list[TokenLogprob] | Exception], None]
-    cancelled: bool = False
 
 
 class Engine:

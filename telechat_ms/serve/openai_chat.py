@@ -90,9 +90,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
         if calls and req.parallel_tool_calls is False:
             calls = calls[:1]
         message = {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}
-        choices.append({"index": r.index, "message": message,
-                        "logprobs": chat_logprobs(state.tokenizer, list(prompt), r.logprobs, req.return_tokens_as_token_ids)
-                        if logprobs is not None else None,
+        lps = chat_logprobs(state.tokenizer, list(prompt), r.logprobs, req.return_tokens_as_token_ids) \
+            if logprobs is not None else None
+        choices.append({"index": r.index, "message": message, "logprobs": lps,
                         "finish_reason": "tool_calls" if calls else r.finish_reason, "stop_reason": r.stop_reason})
     body = {"id": rid, "object": "chat.completion", "created": _now(), "model": state.model_name,
             "choices": choices, "usage": usage(len(prompt), sum(r.completion_tokens for r in results))}
