@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from telechat_ms.serve.async_engine import Submission
+from telechat_ms.serve.engine import EngineStopped
 from telechat_ms.serve.output import TokenLogprob
 from telechat_ms.serve.params import reject_unsupported, sampling_params
 from telechat_ms.serve.protocol import APIError, CompletionRequest, error_body
@@ -106,6 +107,10 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
                 p.logprobs = await until_disconnect(request, state.aengine.score(p.ids, req.logprobs))
         except ClientGone:
             return Response(status_code=499)
+        except EngineStopped as exc:
+            raise APIError(503, f"The server is not serving: {exc}.") from None
+        except Exception as exc:  # the engine logged it; the client gets the reason, not a traceback
+            raise APIError(500, f"scoring the prompt failed: {type(exc).__name__}: {exc}") from None
     seq_prompts, seq_params, choices = [], [], []
     for p in prompts:
         params = sampling_params(state, req, max(p.max_tokens, 1), req.logprobs)
