@@ -7,11 +7,53 @@ the sequences, and the engine frees their rows before its next step.
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import AsyncIterator
 
 from telechat_ms.serve.engine import Engine, ScoreJob, Sequence
 from telechat_ms.serve.output import Delta, TokenLogprob
 from telechat_ms.serve.sampler import SamplingParams
+
+
+class Mailbox:
+    """Hands updates from the engine thread to one event loop, waking the loop once per batch of updates rather
+    than once per token of every sequence (each wake-up costs the loop, and the engine, GIL time)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Delta]] = []
+        self._scheduled = False
+
+    def post(self, target: asyncio.Queue, delta: Delta) -> None:   # engine thread
+        with self._lock:
+            self._items.append((target, delta))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:   # the loop is closed: nobody is listening any more
+            pass
+
+    def _deliver(self) -> None:   # event loop
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for target, delta in items:
+            target.put_nowait(delta)
+
+
+_MAILBOXES: dict[asyncio.AbstractEventLoop, Mailbox] = {}
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    """The loop's mailbox (one per event loop)."""
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        for old in [lp for lp in _MAILBOXES if lp.is_closed()]:
+            del _MAILBOXES[old]
+        box = _MAILBOXES[loop] = Mailbox(loop)
+    return box
 
 
 class Submission:
@@ -20,14 +62,12 @@ class Submission:
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop):
         self.engine, self.loop = engine, loop
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.mailbox = mailbox(loop)
         self.seqs: list[Sequence] = []
         self.open = 0
 
     def _sink(self, delta: Delta) -> None:   # engine thread
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
-        except RuntimeError:   # the loop is closed: nobody is listening any more
-            pass
+        self.mailbox.post(self.queue, delta)
 
     def add(self, prompt_ids: list[int], params: SamplingParams, index: int, choice: int = 0) -> None:
         self.seqs.append(Sequence(list(prompt_ids), params, self._sink, index=index, choice=choice))
