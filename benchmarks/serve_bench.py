@@ -62,6 +62,8 @@ def _cache_len(args) -> int:
 def offline_worker(args) -> None:
     """Child process: tokens/s of model.generate over the 8 prompts as one batch (after one warm-up call)."""
     from telechat_ms.model.telechat import TeleChatForCausalLM
+    from telechat_ms.serve.server import set_runtime
+    set_runtime(None, args.cpu_threads)
     model = TeleChatForCausalLM.from_pretrained(args.ckpt)
     prompts = _prompts(args)
     model.generate(prompts, max_new_tokens=args.new, eos_token_id=None)     # compile
@@ -75,7 +77,8 @@ def offline_worker(args) -> None:
 
 def _offline(args) -> float:
     cmd = [sys.executable, os.path.abspath(__file__), "--offline-worker", "--ckpt", args.ckpt, "--prompt",
-           str(args.prompt), "--new", str(args.new), "--offline-repeats", str(args.offline_repeats)]
+           str(args.prompt), "--new", str(args.new), "--offline-repeats", str(args.offline_repeats)] + \
+        (["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=True, timeout=900).stdout
     return json.loads(out.strip().splitlines()[-1])["tokens_per_second"]
 
@@ -85,9 +88,17 @@ def _env() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- clients
-async def _one(client, url: str, prompt: list[int], new: int) -> dict:
+def _byte_pieces(ckpt: str) -> dict[str, float]:
+    """logit_bias that keeps the random model off byte-fallback pieces: their text is held back until a UTF-8
+    character completes, which would make streamed chunks (TTFT, inter-token gaps) stand for several tokens."""
+    from telechat_ms.data.tokenizer import TeleChatTokenizer
+    tok = TeleChatTokenizer(ckpt)
+    return {str(i): -100.0 for i in range(tok.vocab_size) if tok.id_to_piece(i).startswith("<0x")}
+
+
+async def _one(client, url: str, prompt: list[int], new: int, bias: dict[str, float]) -> dict:
     body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, "logit_bias": bias}
     start = time.perf_counter()
     stamps, tokens = [], 0
     async with client.stream("POST", url + "/v1/completions", json=body) as resp:
@@ -102,12 +113,12 @@ async def _one(client, url: str, prompt: list[int], new: int) -> dict:
     return {"ttft": stamps[0] - start, "gaps": list(np.diff(stamps)), "tokens": tokens}
 
 
-async def _clients(url: str, prompts: list[list[int]], concurrency: int, new: int) -> dict:
+async def _clients(url: str, prompts: list[list[int]], concurrency: int, new: int, bias: dict[str, float]) -> dict:
     import httpx
     shares = [prompts[i::concurrency] for i in range(concurrency)]
     async with httpx.AsyncClient(timeout=600) as client:
         async def run(share):
-            return [await _one(client, url, p, new) for p in share]
+            return [await _one(client, url, p, new, bias) for p in share]
         start = time.perf_counter()
         results = [r for group in await asyncio.gather(*(run(s) for s in shares)) for r in group]
         wall = time.perf_counter() - start
@@ -121,7 +132,9 @@ async def _clients(url: str, prompts: list[list[int]], concurrency: int, new: in
 def _start_server(args, port: int) -> subprocess.Popen:
     import httpx
     cmd = [sys.executable, "-m", "telechat_ms.cli", "serve", args.ckpt, "--port", str(port), "--max-batch-size", "8",
-           "--max-model-len", str(_cache_len(args) - 1), "--served-model-name", "bench"]
+           "--max-model-len", str(_cache_len(args) - 1), "--served-model-name", "bench"] + \
+        (["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else []) + \
+        (["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms is not None else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -146,6 +159,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--offline-repeats", type=int, default=2)
     p.add_argument("--port", type=int, default=8731)
+    p.add_argument("--batch-window-ms", type=float, default=None, help="the server's --batch-window-ms "
+                   "(default: the server's default)")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="MindSpore CPU kernel threads for both the server and offline generate (same setting)")
     p.add_argument("--ckpt", default=os.path.join(tempfile.gettempdir(), "telechat_serve_bench"))
     p.add_argument("--vocab-floor", type=int, default=1000, help=argparse.SUPPRESS)
     p.add_argument("--offline-worker", action="store_true", help=argparse.SUPPRESS)
@@ -155,16 +172,16 @@ def main() -> None:
         return
     sys.path.insert(0, REPO)
     _setup(args)
-    prompts, url = _prompts(args), f"http://127.0.0.1:{args.port}"
+    prompts, url, bias = _prompts(args), f"http://127.0.0.1:{args.port}", _byte_pieces(args.ckpt)
     server = _start_server(args, args.port)
     rows: dict[str, list[dict]] = {f"{c} clients": [] for c in CONCURRENCY}
     offline: list[float] = []
     try:
-        asyncio.run(_clients(url, prompts, 8, args.new))          # warm the server's paths
+        asyncio.run(_clients(url, prompts, 8, args.new, bias))          # warm the server's paths
         for r in range(args.rounds):
             offline.append(_offline(args))
             for c in CONCURRENCY:
-                rows[f"{c} clients"].append(asyncio.run(_clients(url, prompts, c, args.new)))
+                rows[f"{c} clients"].append(asyncio.run(_clients(url, prompts, c, args.new, bias)))
             print(f"round {r + 1}: offline {offline[-1]:.1f} tok/s; " + "; ".join(
                 f"{k} {v[-1]['tokens_per_second']:.1f} tok/s" for k, v in rows.items()), flush=True)
     finally:

@@ -3,6 +3,7 @@ made of: the per-sequence sampler, stop-string output, the tool-call parser."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -127,6 +128,26 @@ def test_cancel_frees_the_row_before_the_next_step(engine, tokenizer):
     text = engine.metrics.render().decode()
     assert metric(text, "telechat_requests_finished_total", finished_reason="abort") == aborts + 1
     assert metric(text, "telechat_abort_to_free_steps_bucket", le="0.0") >= 1
+
+
+def test_an_idle_engine_gathers_a_burst_into_one_prefill(ref_model, tokenizer):
+    import threading
+    eng = Engine(local_stepper_factory(ref_model), tokenizer, tokenizer.vocab_size, ENGINE_LEN, max_batch_size=4,
+                 warmup=False, batch_window=0.5).start()
+    try:
+        done = threading.Semaphore(0)
+        seqs = [_seq(random_ids(5 + i, 20 + i, tokenizer.vocab_size), sink=lambda d: d.finished and done.release(),
+                     max_tokens=3) for i in range(3)]
+        eng.submit(seqs[:1])
+        time.sleep(0.05)                      # the rest of the burst arrives inside the window
+        eng.submit(seqs[1:])
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+        text = eng.metrics.render().decode()
+        assert metric(text, "telechat_prefill_batch_rows_count") == 1
+        assert metric(text, "telechat_prefill_batch_rows_sum") == 3
+    finally:
+        eng.shutdown()
 
 
 def test_full_queue_answers_503_with_retry_after(ref_model, tokenizer):

@@ -9,7 +9,8 @@ def _serve(args: argparse.Namespace) -> int:
     return run(ServeConfig(model_dir=args.model_dir, tokenizer=args.tokenizer, served_model_name=args.served_model_name,
                            host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                            max_model_len=args.max_model_len, max_queue=args.max_queue, api_key=args.api_key,
-                           use_jit=not args.no_jit, warmup=not args.no_warmup, device_target=args.device_target))
+                           use_jit=not args.no_jit, warmup=not args.no_warmup, device_target=args.device_target,
+                           cpu_threads=args.cpu_threads, batch_window_ms=args.batch_window_ms))
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -35,4 +36,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="do not compile the decode and prefill graphs before serving (first requests pay)")
     p.add_argument("--device-target", default=None, choices=["CPU", "Ascend", "GPU"],
                    help="MindSpore device (default: MindSpore's own default)")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="threads of MindSpore's CPU kernels (default: MindSpore's); on a small CPU machine leave a "
+                        "core for the HTTP side")
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="an idle engine woken by a request waits up to this long for more, to prefill a burst in "
+                        "one step (every step computes all rows); 0 admits at once (default 10)")
     p.set_defaults(func=_serve)

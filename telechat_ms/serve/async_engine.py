@@ -16,8 +16,8 @@ from telechat_ms.serve.sampler import SamplingParams
 
 
 class Mailbox:
-    """Hands updates from the engine thread to one event loop, waking the loop once per batch of updates rather
-    than once per token of every sequence (each wake-up costs the loop, and the engine, GIL time)."""
+    """Hands updates from the engine thread to one event loop: the engine puts a step's updates, then wakes the
+    loop once (a wake-up per token of every sequence costs a syscall each and GIL time the model step needs)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -25,10 +25,13 @@ class Mailbox:
         self._items: list[tuple[asyncio.Queue, Delta]] = []
         self._scheduled = False
 
-    def post(self, target: asyncio.Queue, delta: Delta) -> None:   # engine thread
+    def put(self, target: asyncio.Queue, delta: Delta) -> None:   # engine thread
         with self._lock:
             self._items.append((target, delta))
-            if self._scheduled:
+
+    def wake(self) -> None:   # engine thread, after a batch of put()
+        with self._lock:
+            if self._scheduled or not self._items:
                 return
             self._scheduled = True
         try:
@@ -67,10 +70,11 @@ class Submission:
         self.open = 0
 
     def _sink(self, delta: Delta) -> None:   # engine thread
-        self.mailbox.post(self.queue, delta)
+        self.mailbox.put(self.queue, delta)
 
     def add(self, prompt_ids: list[int], params: SamplingParams, index: int, choice: int = 0) -> None:
-        self.seqs.append(Sequence(list(prompt_ids), params, self._sink, index=index, choice=choice))
+        self.seqs.append(Sequence(list(prompt_ids), params, self._sink, self.mailbox.wake, index=index,
+                                  choice=choice))
 
     def start(self) -> "Submission":
         """Queue every sequence (raises QueueFull / EngineStopped before anything is queued)."""

@@ -60,7 +60,8 @@ class Engine:
 
     def __init__(self, stepper_factory: StepperFactory, tokenizer, vocab_size: int, max_model_len: int,
                  max_batch_size: int = 8, max_queue: int = 64, scorer: Scorer | None = None,
-                 metrics: ServeMetrics | None = None, pad_token_id: int = PAD_ID, warmup: bool = True):
+                 metrics: ServeMetrics | None = None, pad_token_id: int = PAD_ID, warmup: bool = True,
+                 batch_window: float = 0.0):
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
         if max_batch_size < 1:
@@ -70,6 +71,7 @@ class Engine:
         self.cache_len = self.max_model_len + 1
         self.scratch = self.max_model_len         # the slot nobody attends
         self.scorer, self.pad_token_id, self.warmup_on_start = scorer, pad_token_id, warmup
+        self.batch_window = max(0.0, float(batch_window))   # seconds an idle engine gathers a burst of requests
         self.metrics = metrics or ServeMetrics(self.batch)
         self.rows: list[Sequence | None] = [None] * self.batch
         self.waiting: deque[Sequence] = deque()
@@ -80,6 +82,7 @@ class Engine:
         self._pending = 0            # submitted, not yet in a row (guarded by _lock)
         self._running = 0
         self._max_rows = 0
+        self._outbox: list[tuple[Sequence, Delta]] = []
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -169,6 +172,7 @@ class Engine:
                     self.metrics.engine_errors.inc()
                     for seq in [s for s in self.rows if s is not None]:
                         self._finish(seq, "", "error", error=f"{type(exc).__name__}: {exc}")
+                    self._flush()
         finally:
             self._stopping = True
             self._abort_all("the server is shutting down")
@@ -183,6 +187,8 @@ class Engine:
         admitted = self._admit()
         if any(r is not None for r in self.rows):
             self._step(admitted)
+        if self._idle():   # no step comes next to carry the updates out
+            self._flush()
 
     def prefill_widths(self) -> list[int]:
         """Every prefill width a step can have (a power-of-two bucket, capped at max_model_len)."""
@@ -208,11 +214,15 @@ class Engine:
         return self.stepper.step(ids, positions, totals, slots, first, last)
 
     def _drain(self, block: bool) -> bool:
-        """Move the inbox into the engine's queues (waiting for something when block). False: stop."""
+        """Move the inbox into the engine's queues (waiting for something when block). False: stop.
+
+        An idle engine woken by a request waits up to batch_window seconds for the rest of a burst, so the burst
+        is prefilled in one step (every step computes all rows, so each extra prefill step costs a full one)."""
         try:
             item = self.inbox.get() if block else self.inbox.get_nowait()
         except queue.Empty:
             return True
+        deadline = time.perf_counter() + self.batch_window if block else 0.0
         while True:
             kind, payload = item
             if kind == "stop":
@@ -224,7 +234,13 @@ class Engine:
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
-                return True
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or not self.waiting or len(self.waiting) >= self.batch:
+                    return True
+                try:
+                    item = self.inbox.get(timeout=remaining)
+                except queue.Empty:
+                    return True
 
     def _reap(self) -> None:
         """Free the rows of cancelled sequences; drop cancelled waiting ones."""
@@ -291,6 +307,7 @@ class Engine:
             positions[row, width - k:] = slots[row, width - k:] = np.arange(start, start + k)
             totals[row] = start + k
             new_counts[row] = k
+        self._flush()   # the last step's updates go out while this step computes (the GIL is free then)
         logits = self._run_step(ids, positions, totals, slots, first, width - 1)
         self.step_count += 1
         self.metrics.steps.inc()
@@ -347,12 +364,26 @@ class Engine:
             self.metrics.e2e.observe(time.perf_counter() - seq.arrival)
         self._send(seq, self._delta(seq, text, reason, **kw))
 
-    @staticmethod
-    def _send(seq: Sequence, delta: Delta) -> None:
-        try:
-            seq.sink(delta)
-        except Exception:  # a sink of a request whose loop is gone must not stop the engine
-            log.exception("delivering a result failed")
+    def _send(self, seq: Sequence, delta: Delta) -> None:
+        """Queue an update; _flush hands them over in one batch, just before the next model step (waking the
+        event loop while this thread runs Python would make the two fight over the GIL)."""
+        self._outbox.append((seq, delta))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        notify = {}
+        for seq, delta in outbox:
+            try:
+                seq.sink(delta)
+            except Exception:  # a sink of a request whose loop is gone must not stop the engine
+                log.exception("delivering a result failed")
+            if seq.notify is not None:   # bound methods of one mailbox count once
+                notify.setdefault(id(getattr(seq.notify, "__self__", seq.notify)), seq.notify)
+        for wake in notify.values():   # one wake-up per consumer (event loop) per batch
+            try:
+                wake()
+            except Exception:
+                log.exception("waking a consumer failed")
 
     def _score(self, job: ScoreJob) -> None:
         """Prompt log-probs from the full forward."""
@@ -375,3 +406,4 @@ class Engine:
         for job in self.scores:
             job.done(RuntimeError(why))
         self.scores.clear()
+        self._flush()

@@ -19,6 +19,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     sink: Callable[[Delta], None]
+    notify: Callable[[], None] | None = None   # called once after a batch of sink() calls (wakes a consumer)
     index: int = 0                  # the choice it answers in the response
     choice: int = 0                 # its number among the n choices of its prompt (seeds its Generator)
     arrival: float = field(default_factory=time.perf_counter)

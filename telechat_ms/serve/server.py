@@ -36,6 +36,8 @@ class ServeConfig:
     use_jit: bool = True
     warmup: bool = True
     device_target: str | None = None
+    cpu_threads: int | None = None      # CPU kernel threads (MindSpore's default: 25)
+    batch_window_ms: float = 10.0       # an idle engine waits this long for more requests to prefill together
 
 
 def local_stepper_factory(model, use_jit: bool = True) -> StepperFactory:
@@ -56,13 +58,23 @@ def full_forward_scorer(model) -> Scorer:
     return score
 
 
+def set_runtime(device_target: str | None, cpu_threads: int | None) -> None:
+    """MindSpore device and CPU kernel thread count, before any kernel runs. On a small CPU box the server's event
+    loop (and local clients) need a core too: fewer kernel threads than cores avoids oversubscription."""
+    import mindspore as ms
+    if device_target:
+        ms.set_device(device_target)
+    if cpu_threads is not None:
+        if cpu_threads < 1:
+            raise ConfigError(f"--cpu-threads must be >= 1, got {cpu_threads}")
+        ms.device_context.cpu.op_tuning.threads_num(cpu_threads)
+
+
 def build_state(cfg: ServeConfig) -> ServeState:
     """Load model + tokenizer, start the engine (compiling its graphs when warmup is on)."""
     from telechat_ms.data.tokenizer import TeleChatTokenizer
     from telechat_ms.model.telechat import TeleChatForCausalLM
-    if cfg.device_target:
-        import mindspore as ms
-        ms.set_device(cfg.device_target)
+    set_runtime(cfg.device_target, cfg.cpu_threads)
     for name, value, low in (("--max-batch-size", cfg.max_batch_size, 1), ("--max-queue", cfg.max_queue, 0)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
@@ -76,7 +88,8 @@ def build_state(cfg: ServeConfig) -> ServeState:
         raise ConfigError(f"--max-model-len must be >= 2, got {max_model_len}")
     engine = Engine(local_stepper_factory(model, cfg.use_jit), tokenizer, tokenizer.vocab_size, max_model_len,
                     max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, scorer=full_forward_scorer(model),
-                    pad_token_id=model.config.pad_token_id, warmup=cfg.warmup)
+                    pad_token_id=model.config.pad_token_id, warmup=cfg.warmup,
+                    batch_window=cfg.batch_window_ms / 1000.0)
     engine.start()
     return ServeState(engine, tokenizer, cfg.served_model_name or cfg.model_dir,
                       GenerationConfig.from_pretrained(cfg.model_dir), cfg.model_dir, cfg.api_key)
