@@ -24,6 +24,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from telechat_ms.errors import ConfigError
 from telechat_ms.infer.kv_cache import MIN_PREFILL, bucket
 from telechat_ms.serve.metrics import ServeMetrics
 from telechat_ms.serve.output import Delta, OutputBuilder, TokenLogprob
@@ -110,7 +111,9 @@ class Engine:
         self._thread.start()
         self._ready.wait(timeout)
         if self.start_error is not None:
-            raise RuntimeError(f"engine failed to start: {self.start_error}") from self.start_error
+            exc = self.start_error
+            raise ConfigError(f"the engine failed to start ({self.batch} rows x {self.cache_len} cache slots): "
+                              f"{type(exc).__name__}: {exc}") from exc
         return self
 
     def run_once(self) -> bool:
