@@ -9,16 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from telechat_ms.commands import checkpoints, data, infer, plan, train
+from telechat_ms.commands import checkpoints, data, infer, plan, serve, train
 from telechat_ms.errors import TeleChatError
 
-COMMANDS = (checkpoints, data, train, infer, plan)
+COMMANDS = (checkpoints, data, train, infer, plan, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The telechat-ms parser with every command of COMMANDS."""
     parser = argparse.ArgumentParser(prog="telechat-ms", description="TeleChat2 on MindSpore: convert, prepare "
-                                     "data, train, plan, infer.")
+                                     "data, train, plan, infer, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.register(sub)
