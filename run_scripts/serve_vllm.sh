@@ -77,7 +77,8 @@ PY
 
 BACKEND=${BACKEND:-auto}
 if [[ $BACKEND == auto ]]; then
-    if command -v npu-smi >/dev/null 2>&1 || [[ -n ${ASCEND_HOME_PATH:-} ]]; then BACKEND=vllm-mindspore; else BACKEND=vllm; fi
+    BACKEND=vllm
+    if command -v npu-smi >/dev/null 2>&1 || [[ -n ${ASCEND_HOME_PATH:-} ]]; then BACKEND=vllm-mindspore; fi
 fi
 case $BACKEND in
     vllm) EXE=vllm; PREFIX=() ;;

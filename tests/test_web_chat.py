@@ -204,6 +204,7 @@ def test_two_streamed_turns_history_and_script_shown_as_text(server, browser, to
     assert [r["messages"] for r in sent] == [history[:1], history]  # no system prompt set: the default one
     assert sent[1]["stream"] is True and sent[1]["temperature"] == 0 and sent[1]["max_tokens"] == TURN_TOKENS
     assert sent[1]["model"] == NAME
+    assert not {"top_p", "top_k", "repetition_penalty"} & set(sent[1])  # empty fields: the model's defaults
     # what the server received and rendered: its prompt token count is that of the whole conversation
     assert int(first.get_attribute("data-prompt-tokens")) == _prompt_tokens(tokenizer, history[:1])
     assert int(second.get_attribute("data-prompt-tokens")) == _prompt_tokens(tokenizer, history)
@@ -266,9 +267,13 @@ def test_system_prompt_clear_and_copy(server, browser, tokenizer, scripted):
         "origin": server, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
     page.set("temperature", "0")
     page.set("max-tokens", "8")
+    for field, value in (("top-p", "0.9"), ("top-k", "0"), ("repetition-penalty", "1.1")):
+        page.set(field, value)
     page.set("system-prompt", "You are a test.")
     page.send("one")
     first = page.answer_done(0)
+    sent = page.requests()[0]
+    assert (sent["top_p"], sent["top_k"], sent["repetition_penalty"], sent["max_tokens"]) == (0.9, -1, 1.1, 8)
     page.send("two")
     page.answer_done(1)
     assert page.requests()[1]["messages"][0] == {"role": "system", "content": "You are a test."}
@@ -280,7 +285,8 @@ def test_system_prompt_clear_and_copy(server, browser, tokenizer, scripted):
     # copy puts the answer's own text on the clipboard
     first.find_element(page.By.CSS_SELECTOR, ".copy").click()
     page.wait(lambda d: first.get_attribute("data-copied") == "1", "the copy button")
-    clip = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0], e => arguments[0]('ERR ' + e))")
+    clip = browser.execute_async_script(
+        "navigator.clipboard.readText().then(arguments[0], e => arguments[0]('ERR ' + e))")
     assert clip == expected_answer(tokenizer, scripted, 8)
     # clear empties the page and the history: the next request carries only the new turn
     page.el("clear").click()
@@ -313,7 +319,8 @@ def test_markdown_is_built_from_text_nodes(server, browser):
         const tags = [...box.querySelectorAll('*')].map(n => n.tagName.toLowerCase());
         const link = box.querySelector('a');
         return {tags, text: box.textContent, href: link && link.href, rel: link && link.rel,
-                links: box.querySelectorAll('a').length, code: [...box.querySelectorAll('code')].map(c => c.textContent)};
+                links: box.querySelectorAll('a').length,
+                code: [...box.querySelectorAll('code')].map(c => c.textContent)};
     """, MARKDOWN_SAMPLE)
     assert set(result["tags"]) <= {"h3", "p", "strong", "em", "code", "a", "pre", "ul", "ol", "li", "blockquote", "br"}
     assert {"h3", "strong", "em", "code", "a", "pre", "ul", "ol", "blockquote"} <= set(result["tags"])

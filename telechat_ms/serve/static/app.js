@@ -105,8 +105,10 @@
   }
 
   // ---------------------------------------------------------------------------------------- a request
+  // An empty field is not sent: the server then uses the model's generation_config.json (as vLLM does).
   function number(id, parse) {
-    const value = parse($(id).value);
+    const raw = $(id).value.trim();
+    const value = raw === "" ? NaN : parse(raw);
     return Number.isFinite(value) ? value : undefined;
   }
 
