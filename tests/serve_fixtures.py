@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-MAX_LEN = 160          # --max-model-len of the test servers (prefill widths 32, 64, 128, 160)
+MAX_LEN = 256          # --max-model-len of the test servers (prefill widths 32, 64, 128, 256)
 SEED_WEIGHTS = 1
 
 

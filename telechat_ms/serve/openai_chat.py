@@ -47,17 +47,15 @@ def check_tools(tools: list[dict[str, Any]] | None) -> None:
                            param=f"tools[{i}]")
 
 
-def chat_logprobs(tokenizer, context: list[int], lps: list[TokenLogprob]) -> dict[str, Any]:
+def chat_logprobs(tokenizer, context: list[int], lps: list[TokenLogprob], as_ids: bool = False) -> dict[str, Any]:
     """OpenAI chat logprobs {"content": [{token, logprob, bytes, top_logprobs}]}; context grows in place."""
+    def entry(token: int, value: float) -> dict[str, Any]:
+        text = token_text(tokenizer, context, token)
+        return {"token": f"token_id:{token}" if as_ids else text, "logprob": value,
+                "bytes": list(text.encode("utf-8"))}
     content = []
     for lp in lps:
-        text = token_text(tokenizer, context, lp.token_id)
-        top = []
-        for token, value in lp.top:
-            alt = token_text(tokenizer, context, token)
-            top.append({"token": alt, "logprob": value, "bytes": list(alt.encode("utf-8"))})
-        content.append({"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8")),
-                        "top_logprobs": top})
+        content.append({**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]})
         context.append(lp.token_id)
     return {"content": content}
 
@@ -80,7 +78,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     rid = request_id("chatcmpl")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(state, req, sub, rid, parse, include_usage), media_type="text/event-stream")
+        return StreamingResponse(_stream(state, req, sub, rid, parse, include_usage, prompt),
+                                 media_type="text/event-stream")
     try:
         results = await collect(request, sub, req.n)
     except ClientGone:
@@ -92,7 +91,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
             calls = calls[:1]
         message = {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}
         choices.append({"index": r.index, "message": message,
-                        "logprobs": chat_logprobs(state.tokenizer, [], r.logprobs) if logprobs is not None else None,
+                        "logprobs": chat_logprobs(state.tokenizer, list(prompt), r.logprobs, req.return_tokens_as_token_ids)
+                        if logprobs is not None else None,
                         "finish_reason": "tool_calls" if calls else r.finish_reason, "stop_reason": r.stop_reason})
     body = {"id": rid, "object": "chat.completion", "created": _now(), "model": state.model_name,
             "choices": choices, "usage": usage(len(prompt), sum(r.completion_tokens for r in results))}
@@ -104,7 +104,7 @@ def _now() -> int:
 
 
 async def _stream(state: ServeState, req: ChatCompletionRequest, sub: Submission, rid: str, parse: bool,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, prompt: list[int]) -> AsyncIterator[str]:
     created, n = _now(), req.n
 
     def chunk(choices: list[dict[str, Any]], with_usage: dict[str, int] | None = None) -> str:
@@ -115,7 +115,7 @@ async def _stream(state: ServeState, req: ChatCompletionRequest, sub: Submission
         return sse(body)
 
     filters = [ToolCallStream() for _ in range(n)] if parse else None
-    contexts: list[list[int]] = [[] for _ in range(n)]
+    contexts: list[list[int]] = [list(prompt[-4:]) for _ in range(n)]
     prompt_tokens, completion = 0, [0] * n
     for i in range(n):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -133,7 +133,8 @@ async def _stream(state: ServeState, req: ChatCompletionRequest, sub: Submission
                 text += rest
                 if req.parallel_tool_calls is False:
                     calls = calls[:1]
-        lps = chat_logprobs(state.tokenizer, contexts[d.index], d.logprobs) if d.logprobs else None
+        lps = chat_logprobs(state.tokenizer, contexts[d.index], d.logprobs, req.return_tokens_as_token_ids) \
+            if d.logprobs else None
         if not (text or lps or d.finished):
             continue
         delta: dict[str, Any] = {"content": text} if text else {}

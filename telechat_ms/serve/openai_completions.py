@@ -36,21 +36,28 @@ class LogprobWriter:
 
     tokenizer: Any
     context: list[int]
+    as_ids: bool = False        # return_tokens_as_token_ids
     offset: int = 0
     out: dict[str, list] = field(default_factory=lambda: {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                                           "text_offset": []})
 
+    def _name(self, token: int, text: str | None = None) -> str:
+        if self.as_ids:
+            return f"token_id:{token}"
+        return token_text(self.tokenizer, self.context, token) if text is None else text
+
     def add(self, token: int, lp: TokenLogprob | None) -> None:
         text = token_text(self.tokenizer, self.context, token)
-        self.out["tokens"].append(text)
+        self.out["tokens"].append(self._name(token, text))
         self.out["text_offset"].append(self.offset)
         if lp is None:
             self.out["token_logprobs"].append(None)
             self.out["top_logprobs"].append(None)
         else:
-            top = {text: lp.logprob}
-            for alt, value in lp.top:
-                top.setdefault(token_text(self.tokenizer, self.context, alt), value)
+            top = {self._name(token, text): lp.logprob}
+            for alt, value in lp.top:   # ids whose texts coincide (byte pieces) share a key holding the larger
+                key = self._name(alt)       # log-prob, so max(top.values()) is still the best one (lm-eval's
+                top[key] = max(top.get(key, value), value)   # greedy check); as_ids keeps them apart
             self.out["token_logprobs"].append(lp.logprob)
             self.out["top_logprobs"].append(top)
         self.offset += len(text)
@@ -122,7 +129,7 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     out, completion_tokens = [], 0
     for index in range(len(seq_prompts)):
         p = prompts[index // req.n]
-        writer = LogprobWriter(state.tokenizer, [])
+        writer = LogprobWriter(state.tokenizer, [], req.return_tokens_as_token_ids)
         text = p.text if req.echo else ""
         if req.echo and req.logprobs is not None:
             for k, token in enumerate(p.ids):
@@ -158,7 +165,7 @@ async def _stream(state: ServeState, req: CompletionRequest, prompts: list[Promp
     writers = []
     for index in range(total):
         p = prompts[index // req.n]
-        writer = LogprobWriter(state.tokenizer, [])
+        writer = LogprobWriter(state.tokenizer, [], req.return_tokens_as_token_ids)
         if req.echo:
             if want_lp:
                 for k, token in enumerate(p.ids):

@@ -114,6 +114,7 @@ class SamplingFields(Strict):
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
+    return_tokens_as_token_ids: StrictBool = False   # log-prob tokens as "token_id:N" (byte pieces stay distinct)
     # known, not implemented: accepted only at their defaults (checked in openai_api.reject_unsupported)
     service_tier: StrictStr | None = None
     store: StrictBool | None = None
