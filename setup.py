@@ -18,7 +18,7 @@ setup(
     description="TeleChat2 on MindSpore: convert, prepare data, train, infer",
     python_requires=">=3.11",
     packages=find_packages(include=["telechat_ms", "telechat_ms.*"]),
-    package_data={"telechat_ms": ["demo_data/*", "demo_data/**/*"]},
+    package_data={"telechat_ms": ["demo_data/*", "demo_data/**/*", "serve/static/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "torch": ["torch==2.13.0"],

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from telechat_ms import hf_export
 from telechat_ms.errors import ConfigError
 from telechat_ms.io import atomic_write_text, read_json_object
 
@@ -20,6 +21,14 @@ _ALIASES = {
 
 # Fields that only describe how MindSpore runs the model; never written to an HF config.json.
 _RUNTIME_FIELDS = ("compute_dtype", "param_dtype", "use_flash_attention", "fused_rms_norm")
+# Keys of config.json that say which code loads the file, not what the model is: written back as they were read
+# (an export replaces them), and not compared (an export of a model is the same model).
+_LOADER_KEYS = ("architectures", "auto_map", "model_type")
+# Keys an HF export writes that describe its weight files, not the model: read and dropped (a later export writes
+# them from the files it writes), so a dtype conversion never carries a stale value along.
+_FILE_KEYS = ("torch_dtype", "dtype")
+# TeleChat2's RoPE base is fixed (the released code hard-codes it); exports state it for Llama-style loaders.
+ROPE_THETA = 10000.0
 
 _PRESETS: dict[str, dict[str, Any]] = {
     # A model small enough to train on 2 CPU cores in minutes; vocab is usually overridden by the tokenizer.
@@ -62,6 +71,8 @@ class TeleChatConfig:
     fused_rms_norm: bool = False
     # Keys of an HF config.json we do not model, kept so save_pretrained writes them back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    # architectures / auto_map / model_type as read (see _LOADER_KEYS).
+    loader: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -152,9 +163,10 @@ class TeleChatConfig:
     # ---------------------------------------------------------------- HF config.json
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TeleChatConfig":
-        """Build from an HF-style dict, resolving aliases; unknown keys are kept in `extra`."""
+        """Build from an HF-style dict, resolving aliases; unknown keys are kept in `extra`, the loader keys
+        (architectures, auto_map, model_type) in `loader`; an export's file keys (torch_dtype, dtype) are dropped."""
         data = dict(data)
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "loader"}
         kwargs: dict[str, Any] = {}
         for ours, theirs in _ALIASES.items():
             present = [k for k in (ours, *theirs) if data.get(k) is not None]
@@ -168,6 +180,12 @@ class TeleChatConfig:
                         kwargs[ours] = value
         if "n_inner" in data and data["n_inner"] is not None and "ffn_hidden_size" not in kwargs:
             kwargs["ffn_hidden_size"] = data["n_inner"]
+        loader = {key: data.pop(key) for key in _LOADER_KEYS if key in data}
+        for key in _FILE_KEYS:
+            data.pop(key, None)
+        theta = data.pop("rope_theta", None)
+        if theta is not None and theta != ROPE_THETA:
+            raise ConfigError(f"{source}: rope_theta {theta!r} is not TeleChat2's (its RoPE base is {ROPE_THETA:g})")
         for key in list(data):
             if key in names:
                 kwargs[key] = data.pop(key)
@@ -176,7 +194,7 @@ class TeleChatConfig:
                 raise ConfigError(f"{source}: missing required field '{required}'")
         extra = data
         try:
-            return cls(**kwargs, extra=extra)
+            return cls(**kwargs, extra=extra, loader=loader)
         except ConfigError as exc:  # re-issue with the file's name instead of the class name
             raise ConfigError(str(exc).replace("TeleChatConfig", source, 1)) from None
 
@@ -189,29 +207,43 @@ class TeleChatConfig:
             raise ConfigError(f"{file}: no config.json found")
         return cls.from_dict(read_json_object(file, ConfigError), source=file)
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The config.json the released torch code reads (its field names, plus any preserved extras)."""
+    def to_hf_dict(self, export_dtype: str | None = None) -> dict[str, Any]:
+        """The config.json the released torch code reads (its field names, plus any preserved extras).
+
+        With `export_dtype` (the dtype of the exported weights) it is the config of an HF export (spec 9): the same
+        fields, plus what vLLM's TeleChat2ForCausalLM and transformers' trust_remote_code need (architectures, our
+        configuration module in auto_map, num_key_value_heads stated even for MHA, the weights' dtype, rope_theta).
+        """
         out: dict[str, Any] = {
             "architectures": ["TelechatForCausalLM"],
             "model_type": "telechat",
         }
+        out.update(self.loader)
         out.update(self.extra)
         for f in dataclasses.fields(self):
-            if f.name == "extra" or f.name in _RUNTIME_FIELDS:
+            if f.name in ("extra", "loader") or f.name in _RUNTIME_FIELDS:
                 continue
             out[f.name] = getattr(self, f.name)
+        if export_dtype is not None:
+            # auto_map names only the code the export ships (the released modeling file is not ours to ship)
+            out.update(architectures=[hf_export.ARCHITECTURE], model_type="telechat",
+                       auto_map=dict(hf_export.CONFIG_AUTO_MAP), rope_theta=ROPE_THETA,
+                       torch_dtype=export_dtype, dtype=export_dtype)
         return out
 
     def to_dict(self) -> dict[str, Any]:
         """All fields, run-time switches included (for YAML model_config)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "loader")}
         return out
 
-    def save_pretrained(self, path: str | os.PathLike) -> str:
-        """Write `config.json` into directory `path` atomically; returns the file path."""
+    def save_pretrained(self, path: str | os.PathLike, export_dtype: str | None = None) -> str:
+        """Write `config.json` into directory `path` atomically; returns the file path. With `export_dtype`, the
+        config of an HF export, with our configuration module beside it (see to_hf_dict)."""
         os.makedirs(path, exist_ok=True)
         file = os.path.join(os.fspath(path), "config.json")
-        atomic_write_text(file, json.dumps(self.to_hf_dict(), indent=2, ensure_ascii=False) + "\n")
+        if export_dtype is not None:
+            hf_export.write_config_code(os.fspath(path))
+        atomic_write_text(file, json.dumps(self.to_hf_dict(export_dtype), indent=2, ensure_ascii=False) + "\n")
         return file
 
     def replace(self, **changes: Any) -> "TeleChatConfig":

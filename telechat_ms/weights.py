@@ -18,6 +18,7 @@ from tqdm import tqdm
 from telechat_ms.checkpoint_io import (FLOAT_DTYPES, STORAGE, TensorEntry, checkpoint_entries, convert_dtype,
                                        itemsize, load_index, numel, parse_size, safetensors_entries,
                                        write_sharded_safetensors)
+from telechat_ms import hf_export
 from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import CheckpointError, ConfigError
 from telechat_ms.io import atomic_output_dir, read_json_object
@@ -169,6 +170,26 @@ def copy_tokenizer_files(src: str, dst: str, overwrite: bool = True) -> list[str
     return copied
 
 
+def export_dtype(dtypes: list[str]) -> str:
+    """The dtype an export's config.json states: the weights' one dtype, float32 if they mix (loaders cast)."""
+    found = set(dtypes)
+    return found.pop() if len(found) == 1 else "float32"
+
+
+def finish_hf_export(directory: str, cfg: TeleChatConfig, dtype: str, sources: tuple[str, ...] = ()) -> list[str]:
+    """Make a directory of HF-named safetensors an export other engines load (spec 9): config.json for vLLM and
+    transformers with our configuration module, then tokenizer.model and generation_config.json from the first of
+    `sources` that has them, with our tokenizer module, tokenizer_config.json and special_tokens_map.json (a
+    source's released ones point at code the export does not ship). Returns the file names written."""
+    cfg.save_pretrained(directory, export_dtype=dtype)
+    written = ["config.json", hf_export.CONFIG_CODE_FILE]
+    for src in sources:
+        written += copy_tokenizer_files(src, directory, overwrite=False)
+    if os.path.isfile(os.path.join(directory, TOKENIZER_FILES[0])):
+        written += hf_export.write_tokenizer_code(directory, model_max_length=cfg.seq_length)
+    return sorted(set(written))
+
+
 def _config_for(src: str) -> TeleChatConfig:
     if not os.path.exists(src):
         raise CheckpointError(f"{src}: no such checkpoint directory or file")
@@ -205,8 +226,11 @@ def convert_checkpoint(src: str, dst: str, target: str, dtype: str | None = None
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert to {target}",
                   disable=not show_progress) as bar:
             index = write_sharded_safetensors(tmp, specs, produce, parse_size(max_shard_size), progress=bar)
-        cfg.save_pretrained(tmp)
-        copy_tokenizer_files(src, tmp)
+        if target == "hf":
+            finish_hf_export(tmp, cfg, export_dtype([d for _, _, d in specs]), sources=(src,))
+        else:
+            cfg.save_pretrained(tmp)
+            copy_tokenizer_files(src, tmp)
     return index
 
 
@@ -254,9 +278,12 @@ def merge_adapter_dir(base: str, adapter: str, out: str, fmt: str = "ms", dtype:
         unused = sorted(set(adapters) - used)
         if unused:
             raise CheckpointError(f"{adapter}: adapter tensor '{unused[0]}' matches no weight of {base}")
-        cfg.save_pretrained(tmp)
-        copy_tokenizer_files(adapter, tmp)
-        copy_tokenizer_files(base, tmp, overwrite=False)
+        if fmt == "hf":
+            finish_hf_export(tmp, cfg, dtype, sources=(adapter, base))
+        else:
+            cfg.save_pretrained(tmp)
+            copy_tokenizer_files(adapter, tmp)
+            copy_tokenizer_files(base, tmp, overwrite=False)
     return out
 
 
@@ -284,7 +311,8 @@ def parameter_array(param, dtype: str) -> np.ndarray:
 
 def save_model(model, path: str, fmt: str = "ms", dtype: str | None = None,
                max_shard_size: str | int = "5GB") -> str:
-    """Write a model as config.json + safetensors shards, with MindSpore ('ms') or HF ('hf') names."""
+    """Write a model as config.json + safetensors shards, with MindSpore ('ms') or HF ('hf') names; an 'hf' directory
+    is an export other engines load (finish_hf_export)."""
     cfg: TeleChatConfig = model.config
     params = {p.name: p for p in model.get_parameters()}  # p.name stays the checkpoint name under LoRA wrappers
     hf_names = list(cfg.parameter_shapes())
@@ -293,10 +321,14 @@ def save_model(model, path: str, fmt: str = "ms", dtype: str | None = None,
     with atomic_output_dir(path, overwrite=True) as tmp:
         write_sharded_safetensors(tmp, specs, lambda i: parameter_array(params[hf_to_ms(hf_names[i])], dtype),
                                   parse_size(max_shard_size))
-        cfg.save_pretrained(tmp)
+        if fmt == "hf":
+            finish_hf_export(tmp, cfg, dtype)
+        else:
+            cfg.save_pretrained(tmp)
     return path
 
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LAYER_MAP", "GLOBAL_MAP", "TOKENIZER_FILES", "hf_to_ms", "ms_to_hf",
            "canonical_entries", "validate_index", "convert_checkpoint", "copy_tokenizer_files", "merge_adapter_dir",
+           "export_dtype", "finish_hf_export",
            "load_into_model", "save_model", "STORAGE"]
