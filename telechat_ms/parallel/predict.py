@@ -195,13 +195,13 @@ class RowPadder:
 
 
 def stepper_factory(stepper) -> Callable[[int, int], object]:
-    """factory(batch, max_len) for infer.kv_cache.use_stepper_factory: one fixed stepper (one kv cache, one set of
-    compiled graphs) serves every session that fits it."""
-    def factory(batch: int, max_len: int):
-        if batch > stepper.batch or max_len > stepper.max_len:
-            raise ConfigError(f"a generation of {batch} row(s) x {max_len} slots does not fit the model-parallel kv "
-                              f"cache of {stepper.batch} x {stepper.max_len} (runner_config.batch_size x "
-                              "model.model_config.seq_length)")
+    """factory(batch, needed_len) for infer.kv_cache.use_stepper_factory: one fixed stepper (one kv cache, one set
+    of compiled graphs) serves every generation that fits it."""
+    def factory(batch: int, needed_len: int):
+        if batch > stepper.batch or needed_len > stepper.max_len:
+            raise ConfigError(f"a generation of {batch} row(s) x {needed_len} tokens (prompt + max_new_tokens) does "
+                              f"not fit the model-parallel kv cache of {stepper.batch} x {stepper.max_len} "
+                              "(runner_config.batch_size x model.model_config.seq_length)")
         return stepper if batch == stepper.batch else RowPadder(stepper, batch)
     return factory
 
