@@ -23,7 +23,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_step_in_lockstep_and_rank0_writes_the_single_process_answers(tiny_predict_dir, tmp_path):
+def test_two_ranks_step_in_lockstep_and_rank0_writes_the_single_process_answers(
+        tiny_predict_dir, tmp_path):  # noqa: F811
     msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
     if not os.path.exists(msrun):
         pytest.skip("msrun is not installed next to this python")

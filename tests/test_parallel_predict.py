@@ -64,7 +64,8 @@ def test_generate_through_the_stepper_factory_with_fewer_rows_than_the_cache(loc
             assert got.sequences == want.sequences
             for a, b in zip(got.step_logits, want.step_logits):
                 np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
-        with pytest.raises(ConfigError, match=r"3 row\(s\) x 6 tokens .* does not fit the model-parallel kv cache of 2 x 64"):
+        with pytest.raises(ConfigError, match=r"3 row\(s\) x 6 tokens .* does not fit the model-parallel kv cache "
+                                              r"of 2 x 64"):
             model.generate([[5, 6]] * 3, max_new_tokens=4)
         with pytest.raises(ConfigError, match=r"1 row\(s\) x 65 tokens"):
             model.generate([[5] * 33], max_new_tokens=32)
@@ -181,3 +182,13 @@ def test_loader_fills_each_rank_with_its_declared_slices(tiny_gqa_ckpt, local, r
     params["lm_head.weight"].set_data(ms.Tensor(np.zeros((3, 64), np.float32)), True)
     with pytest.raises(CheckpointError, match=r"lm_head.weight has shape \[3, 64\] on rank"):
         load_sharded_checkpoint(model, tiny_gqa_ckpt, applied.param_splits, rank)
+
+
+def test_a_step_the_stepper_refuses_is_not_broadcast(sharded):
+    _, stepper = sharded
+    channel = RecordingChannel()
+    leader = lockstep.LeaderStepper(stepper, channel)
+    with pytest.raises(ValueError, match="writes a slot of a row twice"):
+        leader.step(np.zeros((2, 2), np.int32), np.zeros((2, 2)), np.ones(2), np.array([[3, 3], [0, 1]]),
+                    np.zeros(2), 0)
+    assert channel.messages == []

@@ -1,7 +1,7 @@
 """The declared predict strategies describe the unsharded model: a single-process emulation of mp = 2 and 4 ranks
 (shards cut from the strategies, collectives emulated) reproduces the real unsharded MindSpore kv-cache path for a
-GQA and an MHA model, over a prefill of two left-padded prompts and 24 greedy decode steps that cross
-training_seqlen (the released incremental NTK rule), logits to 1e-5 and the same tokens."""
+GQA and an MHA model, over a prefill of two left-padded prompts (one longer than training_seqlen) and 24 greedy
+decode steps past it (the released incremental NTK rule), logits to 1e-5 and the same tokens."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -18,7 +18,7 @@ from telechat_ms.parallel.strategies import predict_strategy_table  # noqa: E402
 from tests.predict_emulator import ShardedEmulator  # noqa: E402
 
 T = 32                       # training_seqlen of the checkpoints
-PROMPTS = [list(range(40, 60)), list(range(70, 82))]   # 20 and 12 tokens: 20 + 24 = 44 > T
+PROMPTS = [list(range(40, 80)), list(range(90, 102))]  # 40 tokens (a prompt past T) and 12 (12 + 24 = 36 > T)
 STEPS = 24
 MAX_LEN = 64
 
@@ -68,7 +68,7 @@ def test_sharded_prefill_and_decode_equal_the_unsharded_cached_path(name, mp, gq
     got_logits, got_tokens = _greedy(DecodeSession(SimpleNamespace(config=model.config), len(PROMPTS), MAX_LEN,
                                                    stepper=emulator))
     want_logits, want_tokens = reference[name]
-    assert max(len(p) for p in PROMPTS) + STEPS > model.config.training_seqlen
+    assert max(len(p) for p in PROMPTS) > T == model.config.training_seqlen and min(map(len, PROMPTS)) + STEPS > T
     for step, (a, b) in enumerate(zip(got_logits, want_logits)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"{name} mp {mp} step {step}")
     assert [t.tolist() for t in got_tokens] == [t.tolist() for t in want_tokens]

@@ -59,7 +59,8 @@ def _records(path) -> list[dict]:
     return [json.loads(x) for x in open(path, encoding="utf-8").read().splitlines()]
 
 
-def test_generate_config_answers_like_generate_model_dir(tiny_predict_dir, tmp_path, capsys, pynative_after):
+def test_generate_config_answers_like_generate_model_dir(tiny_predict_dir, tmp_path, capsys,  # noqa: F811
+                                                         pynative_after):
     lines = [{"id": i, "prompt": p} for i, p in enumerate(["你好", "1+1=?", "tell me more"])]
     src = tmp_path / "q.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines), encoding="utf-8")

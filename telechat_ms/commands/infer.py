@@ -185,8 +185,7 @@ def _generate_from_config(args: argparse.Namespace) -> int:
     options.setdefault("seed", job.seed)
     if job.model_parallel:
         from telechat_ms.parallel.predict import build_model_parallel
-        session = build_model_parallel(job, use_jit=not args.no_jit)
-        return run_model_parallel(args, job, session.model, session.stepper, session.rank, output, options)
+        return _lockstep(args, job, build_model_parallel(job, use_jit=not args.no_jit), output, options)
     from telechat_ms.model.telechat import TeleChatForCausalLM
     from telechat_ms.parallel.context import setup_context
     run = setup_context(job.context, job.parallel, job.parallel_config, job.source, job.output_dir)
@@ -196,19 +195,17 @@ def _generate_from_config(args: argparse.Namespace) -> int:
     return _answer(model, tokenizer, args, output, job.batch_size, options, world)
 
 
-def run_model_parallel(args: argparse.Namespace, job, model, stepper, rank: int, output: str | None,
-                       options: dict[str, Any], channel=None) -> int:
+def _lockstep(args: argparse.Namespace, job, session, output: str | None, options: dict[str, Any]) -> int:
     """Every rank steps in lockstep: rank 0 tokenizes, schedules, samples and writes; the others follow it."""
     from telechat_ms.infer.kv_cache import use_stepper_factory
-    from telechat_ms.parallel.lockstep import BroadcastChannel, lead_or_follow
-    from telechat_ms.parallel.predict import stepper_factory
+    from telechat_ms.parallel.predict import run_lockstep, stepper_factory
 
-    def work(leader) -> int:
+    def work(model, leader) -> int:
         use_stepper_factory(model, stepper_factory(leader))
         tokenizer = _tokenizer(args.tokenizer or job.load_checkpoint, model)
         return _answer(model, tokenizer, args, output, job.batch_size, options)
 
-    result = lead_or_follow(rank, stepper, channel or BroadcastChannel(), work)
+    result = run_lockstep(session, work)
     return 0 if result is None else result
 
 
@@ -221,7 +218,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 
     g = subparsers.add_parser("generate", help="answer one prompt or a jsonl file of conversations",
                               description="Batch prediction: --input conversations.jsonl --output answers.jsonl "
-                                          "(order and ids kept), or --prompt TEXT.")
+                                          "(order and ids kept), or --prompt TEXT; from MODEL_DIR, or from a predict "
+                                          "YAML (--config) in one process, as data-parallel replicas or model "
+                                          "parallel under msrun (run_scripts/msrun_predict.sh).")
     _add_generation_args(g, optional_model=True)
     g.add_argument("--config", default=None,
                    help="predict YAML (yaml_configs/<size>/predict_telechat2_<size>.yaml) instead of MODEL_DIR: "
@@ -230,8 +229,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                         "--key.path=value overrides its keys")
     g.add_argument("--prompt", default=None, help="one user message; the answer is printed")
     g.add_argument("--input", default=None, help="jsonl of conversations ({messages}, {system, dialog}, {prompt})")
-    g.add_argument("--output", default=None, help="jsonl of answers, one per input line, in input order (with "
-                                                   "--config default: OUTPUT_DIR/<input name>.answers.jsonl)")
+    g.add_argument("--output", default=None,
+                   help="jsonl of answers, one per input line, in input order (with --config default: "
+                        "OUTPUT_DIR/<input name>.answers.jsonl)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="prompts generated together (left padding, masked; default 1; with --config: "
                         "runner_config.batch_size)")

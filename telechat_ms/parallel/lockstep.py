@@ -72,6 +72,9 @@ class LeaderStepper:
         if self.stopped:
             raise RuntimeError("the followers were told to stop; no further step can run")
         ids = np.asarray(ids)
+        check = getattr(self.inner, "check", None)
+        if check is not None:          # a step the stepper refuses is refused here, before any rank runs it
+            check(ids, slots, int(last))
         batch, n = ids.shape
         self.channel.send(np.array([OP_STEP, batch, n, int(last)]))
         self.channel.send(_payload(ids, positions, slots, totals, first_slot))

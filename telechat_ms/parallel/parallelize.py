@@ -4,6 +4,9 @@ Shard strategies on every primitive, ring-attention flags on the flash-attention
 each cell (with offsets and interleave), gradient fusion groups, and full / selective / communication
 recompute per layer. In stand_alone and data_parallel MindSpore ignores strategies and pipeline stages, so
 calling this on CPU is harmless; the trainer calls it only for semi_auto / auto parallel jobs.
+
+`parallelize_predict(model, ...)` does the same for inference: the predict table on every primitive of the cached
+prefill and decode steps, and the kv-cache write MindSpore can split by kv heads.
 """
 from __future__ import annotations
 

@@ -216,15 +216,15 @@ def _format_predict(p: PredictPlan, limit_gib: float) -> list[str]:
              f"seq_length {p.max_seq} at batch {p.batch}"]
     if p.decode is None:
         return lines + ["  decode estimate: for Ascend jobs (context.device_target: Ascend) only"]
-    dec, bw = p.decode, p.decode.bandwidth_gbs
+    dec, weights = p.decode, p.weights_only.bytes_per_step
     lines += [f"  decode estimate (memory-bound: each step reads the weights and the whole static kv cache once; "
-             f"HBM {bw:.1f} GB/s, --hbm-bandwidth-gbs): {(dec.bytes_per_step - p.weights_only.bytes_per_step) / 1e9:.2f}"
-             f" GB kv + {p.weights_only.bytes_per_step / 1e9:.2f} GB weights per step -> {dec.tokens_per_s:.1f} "
-             f"tokens/s per request ({p.weights_only.tokens_per_s:.1f} with the weights alone)"]
+              f"HBM {dec.bandwidth_gbs:.1f} GB/s, --hbm-bandwidth-gbs): {(dec.bytes_per_step - weights) / 1e9:.2f} "
+              f"GB kv + {weights / 1e9:.2f} GB weights per step -> {dec.tokens_per_s:.1f} tokens/s per request "
+              f"({p.weights_only.tokens_per_s:.1f} with the weights alone)"]
     if p.published is not None:
-        lines.append(f"  published (MindSpore port, Atlas 800T A2, TeleChat2-{p.size.upper()}): {p.published} tokens/s"
-                     f" = {p.published / dec.tokens_per_s:.0%} of the estimate (an upper bound: it ignores collectives, "
-                     "kernel launches and host time)")
+        lines.append(f"  published (MindSpore port, Atlas 800T A2, TeleChat2-{p.size.upper()}): {p.published} "
+                     f"tokens/s = {p.published / dec.tokens_per_s:.0%} of the estimate (an upper bound: it ignores "
+                     "collectives, kernel launches and host time)")
     else:
         lines.append("  published: no decode speed was published for this model")
     return lines

@@ -116,7 +116,9 @@ class ModelParallelStepper:
         return {p.name: tuple(table[f"model.layers.{i}.attention.cache_add"].inputs[0])
                 for caches in (self.k_caches, self.v_caches) for i, p in enumerate(caches)}
 
-    def _check(self, ids: np.ndarray, slots: np.ndarray, last: int) -> None:
+    def check(self, ids: np.ndarray, slots: np.ndarray, last: int) -> None:
+        """Raise ValueError for a step this stepper cannot run (a leader checks before it broadcasts the step)."""
+        ids, slots = np.asarray(ids), np.asarray(slots)
         if ids.ndim != 2 or ids.shape[0] != self.batch:
             raise ValueError(f"step got ids of shape {list(ids.shape)}; this stepper has {self.batch} rows")
         if slots.shape != ids.shape:
@@ -149,7 +151,7 @@ class ModelParallelStepper:
         each row attends to [first_slot, own slot]. Returns fp32 logits [B, V] of column `last`."""
         ids = np.asarray(ids, np.int32)
         slots = np.asarray(slots, np.int64)
-        self._check(ids, slots, int(last))
+        self.check(ids, slots, int(last))
         keep = self.stale_keep(slots)
         if keep is not None:
             self.clear(Tensor(keep, dtype=ms_dtype(self.cfg.compute_dtype)))
@@ -268,7 +270,8 @@ class ModelParallelSession:
 def build_model_parallel(job, use_jit: bool = True) -> ModelParallelSession:
     """On every msrun rank (Ascend): semi-auto context, the model built without initialising its weights, the
     predict strategies, the decode step compiled (which lays out and slices every parameter), then this rank's
-    slice of every checkpoint tensor. `job` is a parallel.predict_job.PredictJob."""
+    slice of every checkpoint tensor. `job` is a parallel.predict_job.PredictJob; use_jit matters in PyNative
+    mode only (in GRAPH_MODE every cell compiles)."""
     from telechat_ms.model.telechat import TeleChatForCausalLM
     from telechat_ms.parallel.context import setup_context
     from telechat_ms.parallel.parallelize import parallelize_predict
@@ -284,13 +287,23 @@ def build_model_parallel(job, use_jit: bool = True) -> ModelParallelSession:
     with no_init_parameters():
         model = TeleChatForCausalLM(job.model_config)
     applied = parallelize_predict(model, job.parallel_config, job.source)
-    stepper = ModelParallelStepper(model, job.batch_size, job.model_config.seq_length, applied, use_jit,
-                                   jit_config=run.jit_config())
+    stepper = ModelParallelStepper(model, job.batch_size, job.model_config.seq_length, applied,
+                                   use_jit and job.context.mode != "GRAPH_MODE", jit_config=run.jit_config())
     layout = stepper.compile()
     check_layouts(layout, {**applied.param_splits, **stepper.cache_splits})
     load_sharded_checkpoint(model, job.load_checkpoint, applied.param_splits, run.rank)
     model.name_or_path = job.load_checkpoint   # generation_config.json is read from there
     return ModelParallelSession(model, stepper, run.rank, run.world_size)
+
+
+def run_lockstep(session: ModelParallelSession, work: Callable, channel=None):
+    """Run work(model, stepper) on rank 0 with a stepper that broadcasts every step, while the other ranks replay
+    them; returns work's result on rank 0 (None elsewhere). This is how `generate --config` runs, and how a serving
+    engine plugs in: its rank-0 process (HTTP port included) calls work with the leader as its stepper (or
+    `stepper_factory(leader)` for DecodeSession-based code) and calls leader.keepalive() while idle."""
+    from telechat_ms.parallel.lockstep import BroadcastChannel, lead_or_follow
+    return lead_or_follow(session.rank, session.stepper, channel or BroadcastChannel(),
+                          lambda leader: work(session.model, leader))
 
 
 def strategies_of(stepper: ModelParallelStepper) -> dict[str, Shard]:

@@ -156,7 +156,8 @@ def predict_dims(dims: ParallelDims) -> ParallelDims:
     return ParallelDims(dp=dims.dp, mp=dims.mp, vocab_emb_dp=dims.vocab_emb_dp)
 
 
-def predict_layer_strategies(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool | None = None) -> dict[str, Shard]:
+def predict_layer_strategies(cfg: TeleChatConfig, dims: ParallelDims,
+                             fused_norm: bool | None = None) -> dict[str, Shard]:
     """Strategies of one decoder layer in the cached step (construct_with_cache), keyed relative to the layer.
 
     Projections, rotary, MLP and norms are the training layer's (cp 1, no sequence parallel: the rotary tables of
