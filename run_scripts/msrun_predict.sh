@@ -28,10 +28,10 @@ usage="usage: $0 CONFIG.yaml [WORKERS] (--prompt TEXT | --input IN.jsonl [--outp
 PYTHON=${PYTHON:-python}
 cli=$("$PYTHON" -c 'import telechat_ms.cli as c; print(c.__file__)')
 log_dir=${LOG_DIR:-./output/msrun_predict_log}
-run() {
-  local workers=$1; shift
+run() {  # run WORKERS MSRUN_OPTION CLI_ARGS...
+  local workers=$1 option=$2; shift 2
   local cmd=(msrun --worker_num="$workers" --local_worker_num="$workers" --master_port="${MASTER_PORT:-8128}"
-             --log_dir="$log_dir" --join=True --cluster_time_out="${CLUSTER_TIME_OUT:-600}" "$cli" "$@")
+             --log_dir="$log_dir" --join=True --cluster_time_out="${CLUSTER_TIME_OUT:-600}" "$option" "$cli" "$@")
   if [[ ${DRY_RUN:-0} == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
   mkdir -p "$log_dir"
   exec "${cmd[@]}"
@@ -62,7 +62,8 @@ except TeleChatError as exc:
   elif (( rc == 3 )); then
     echo "$0: warning: the memory estimate exceeds the limit; launching anyway" >&2
   fi
-  run "$workers" generate --config "$config" --quiet "$@"
+  # rank 0 prints the answers (the other ranks only follow): only its log is shown; all are in LOG_DIR
+  run "$workers" --tail_worker_log=0 generate --config "$config" --quiet "$@"
 fi
 
 workers=$1
@@ -71,5 +72,5 @@ input=${3:?$usage}
 output=${4:?$usage}
 shift 4
 [[ $workers =~ ^[1-9][0-9]*$ ]] || { echo "$0: WORKERS '$workers' is not a positive integer; $usage" >&2; exit 2; }
-run "$workers" generate "$model" --input "$input" --output "$output" --data-parallel --quiet \
+run "$workers" --tail_worker_log=-1 generate "$model" --input "$input" --output "$output" --data-parallel --quiet \
   --device-target "${DEVICE_TARGET:-Ascend}" "$@"

@@ -217,8 +217,8 @@ def test_predict_launcher_checks_the_worker_count_against_the_yaml_and_builds_ms
     assert good.returncode == 0, good.stderr
     assert "verdict: VALID, fits in memory" in good.stdout               # plan ran first
     cmd = good.stdout.strip().splitlines()[-1]
-    for part in ("msrun", "--worker_num=8", "--local_worker_num=8", "generate --config", y115, "--input q.jsonl",
-                 "--output a.jsonl", "--load_checkpoint=/data/115b"):
+    for part in ("msrun", "--worker_num=8", "--local_worker_num=8", "--tail_worker_log=0", "generate --config", y115,
+                 "--input q.jsonl", "--output a.jsonl", "--load_checkpoint=/data/115b"):
         assert part in cmd, cmd
     bad = _predict_launch(y115, "6", "--prompt", "hi")
     assert bad.returncode == 1 and "refusing to launch" in bad.stderr
