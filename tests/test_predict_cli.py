@@ -39,10 +39,19 @@ def test_every_shipped_predict_yaml_sets_only_keys_a_predict_job_reads(path):
     ("parallel_config.pipeline_stage=2", "'parallel_config.pipeline_stage' is 2: pipeline-parallel inference"),
     ("parallel_config.data_parallel=2", "'parallel_config.data_parallel' is 2: a model-parallel predict job holds"),
     ("run_mode=finetune", "'run_mode' is finetune; generate --config needs a predict YAML"),
+    ("parallel.parallel_mode=stand_alone", "'parallel.full_batch', 'parallel.search_mode', "
+                                           "'parallel.strategy_ckpt_save_file' only apply under "
+                                           "parallel.parallel_mode semi_auto_parallel (this job is stand_alone)"),
 ])
 def test_keys_that_mean_nothing_for_predict_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_predict_job(os.path.join(REPO, "yaml_configs", "115b", "predict_telechat2_115b.yaml"), [override])
+
+
+def test_the_semi_auto_keys_default_when_a_one_npu_yaml_is_split():
+    job = load_predict_job(os.path.join(REPO, "yaml_configs", "7b", "predict_telechat2_7b.yaml"),
+                           ["parallel.parallel_mode=semi_auto_parallel", "parallel_config.model_parallel=2"])
+    assert job.model_parallel and job.parallel.full_batch and job.parallel.search_mode == "sharding_propagation"
 
 
 def test_a_rejected_key_is_reported_with_its_line(tmp_path):

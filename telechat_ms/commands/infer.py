@@ -186,10 +186,16 @@ def _generate_from_config(args: argparse.Namespace) -> int:
     if job.model_parallel:
         from telechat_ms.parallel.predict import build_model_parallel
         return _lockstep(args, job, build_model_parallel(job, use_jit=not args.no_jit), output, options)
+    from telechat_ms.infer.kv_cache import CacheStepper, use_stepper_factory
     from telechat_ms.model.telechat import TeleChatForCausalLM
     from telechat_ms.parallel.context import setup_context
+    from telechat_ms.parallel.predict import stepper_factory
     run = setup_context(job.context, job.parallel, job.parallel_config, job.source, job.output_dir)
     model = TeleChatForCausalLM.from_pretrained(job.load_checkpoint, config=job.model_config)
+    # the job's kv cache, as plan sizes it: runner_config.batch_size rows x seq_length slots, compiled at jit_level
+    stepper = CacheStepper(model, job.batch_size, job.model_config.seq_length, use_jit=not args.no_jit)
+    stepper.cell.set_jit_config(run.jit_config())
+    use_stepper_factory(model, stepper_factory(stepper))
     tokenizer = _tokenizer(args.tokenizer or job.load_checkpoint, model)
     world = (run.rank, run.world_size) if run.world_size > 1 else None
     return _answer(model, tokenizer, args, output, job.batch_size, options, world)

@@ -98,8 +98,12 @@ def key_errors(data: dict[str, Any], source: str, lines: dict[str, int] | None =
     return out
 
 
-def check_predict_values(job: JobConfig) -> None:
-    """Values a predict job cannot take (beyond the per-section checks of job_config)."""
+SEMI_AUTO_ONLY = ("parallel.full_batch", "parallel.search_mode", "parallel.strategy_ckpt_save_file")
+
+
+def check_predict_values(job: JobConfig, given: list[str] | None = None) -> None:
+    """Values a predict job cannot take (beyond the per-section checks of job_config); `given` are the keys the
+    YAML sets (the semi-auto context keys mean nothing to a one-process or data-parallel job)."""
     if job.run_mode != "predict":
         raise ConfigError(f"{job.source}: 'run_mode' is {job.run_mode}; generate --config needs a predict YAML "
                           "(run_mode: predict, e.g. yaml_configs/115b/predict_telechat2_115b.yaml)")
@@ -108,6 +112,10 @@ def check_predict_values(job: JobConfig) -> None:
         if getattr(pc, name) != 1:
             raise ConfigError(f"{job.source}: 'parallel_config.{name}' is {getattr(pc, name)}: "
                               f"{name.split('_')[0]}-parallel inference is not provided; set it to 1")
+    semi_only = sorted(set(given or ()) & set(SEMI_AUTO_ONLY))
+    if semi_only and mode not in ("semi_auto_parallel", "auto_parallel"):
+        raise ConfigError(f"{job.source}: {', '.join(repr(k) for k in semi_only)} only apply under "
+                          f"parallel.parallel_mode semi_auto_parallel (this job is {mode}): remove them")
     if mode in ("semi_auto_parallel", "auto_parallel") and pc.data_parallel != 1:
         raise ConfigError(f"{job.source}: 'parallel_config.data_parallel' is {pc.data_parallel}: a model-parallel "
                           "predict job holds one replica; launch one job per replica")
@@ -124,7 +132,7 @@ def load_predict_job(path: str, overrides: list[str] | None = None) -> PredictJo
     errors = key_errors(data, path, yaml_line_map(text))
     if errors:
         raise ConfigError("; ".join(errors))
-    check_predict_values(job)
+    check_predict_values(job, _given_keys(data))
     cfg = job.model_config()
     return PredictJob(source=path, load_checkpoint=job.load_checkpoint, seed=job.seed,
                       output_dir=os.path.abspath(job.output_dir), context=job.context, parallel=job.parallel,
