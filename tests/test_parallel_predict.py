@@ -208,7 +208,7 @@ def test_compiling_before_the_first_step_in_graph_mode(tiny_gqa_ckpt, local, pyn
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
-def test_build_model_parallel_refuses_what_cannot_run_here():
+def test_build_model_parallel_refuses_what_cannot_run_here(pynative_after):   # the context setup switched modes
     from telechat_ms.parallel.predict import build_model_parallel
     from telechat_ms.parallel.predict_job import load_predict_job
     from tests.predict_fixtures import TINY_PREDICT_YAML

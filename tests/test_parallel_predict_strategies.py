@@ -123,6 +123,7 @@ CASES = {  # name: (config, mp)
 
 
 def _traced_steps(name: str):
+    ms.set_context(mode=ms.PYNATIVE_MODE)        # the trace hooks primitive calls: op by op
     fields, mp = CASES[name]
     cfg = TeleChatConfig(n_layer=2, ffn_hidden_size=32 * mp, vocab_size=128 * mp, training_seqlen=16, base_seqlen=16,
                          seq_length=64, **fields)
