@@ -95,7 +95,8 @@ def _gib(text: str) -> float | None:
     raise ConfigError(f"context.max_device_memory {text!r}: expected a size like '58GB'")
 
 
-def _check_job(job: JobConfig, cfg: TeleChatConfig, dims: ParallelDims, seq: int, launch: Launch) -> tuple[list[Issue], StageLayout | None]:
+def _check_job(job: JobConfig, cfg: TeleChatConfig, dims: ParallelDims, seq: int,
+               launch: Launch) -> tuple[list[Issue], StageLayout | None]:
     """Layout checks plus launch, mode, switch, batch and recompute checks."""
     issues = check_layout(cfg, dims, seq)
     err = lambda f, m: issues.append(Issue("error", f, m))   # noqa: E731
