@@ -17,7 +17,7 @@ ASCEND_YAMLS = [p for p in ASCEND_YAMLS if os.sep + "tiny" + os.sep not in p]
 # The intended table, written as MindFormers' conventions in symbols: R = dp*cp rows of the 2-D matmul inputs,
 # S = sequence split of the residual stream (cp, times mp with sequence parallel), H = heads split inside
 # attention (mp x Ulysses degree), C = ring-attention sequence split, O = output rows after a row-parallel
-# matmul (R*mp with sequence parallel, else R), B = batch split of the rope tables and mask (dp; 1 for predict).
+# matmul (R*mp with sequence parallel, else R), B = batch split of the rope tables and mask (dp).
 LAYER = {
     "attention.wq.matmul": ((("R", 1), ("mp", 1)), None),            # column parallel
     "attention.wk_v.matmul": ((("R", 1), ("mp", 1)), None),          # column parallel, whole [k_h; v_h] pairs
@@ -67,14 +67,14 @@ def _expand(spec, n: dict) -> tuple:
     return spec
 
 
-def intended_table(job, n_layer: int, predict: bool) -> dict:
+def intended_table(job, n_layer: int) -> dict:
     """The hand-written table above, evaluated for this job's degrees."""
     pc = job.parallel_config
     dp, mp, cp = pc.data_parallel, pc.model_parallel, pc.context_parallel
     ulysses = cp if pc.context_parallel_algo == "ulysses_cp" else 1
     n = {"dp": dp, "mp": mp, "cp": cp, "R": dp * cp, "S": cp * (mp if pc.use_seq_parallel else 1),
          "H": mp * ulysses, "C": cp // ulysses, "O": dp * cp * (mp if pc.use_seq_parallel else 1),
-         "B": 1 if predict else dp, "B_inputs": not predict}
+         "B": dp, "B_inputs": True}
     reduce = ((dp * cp * mp, 1),) if pc.use_seq_parallel else None
     layer = {**LAYER, **FLASH}
     out = {}
@@ -100,7 +100,7 @@ def _groups() -> dict:
     return groups
 
 
-GROUPS = list(_groups().values())
+GROUPS = [paths for key, paths in _groups().items() if not key[-1]]   # predict YAMLs: test_parallel_predict_*
 
 
 def test_every_size_ships_pretrain_finetune_predict_and_32k():
@@ -126,13 +126,12 @@ def test_recorded_strategies_equal_the_intended_table(paths):
     from telechat_ms.parallel.strategies import recorded_strategies
 
     job = load_job_config(paths[0])
-    predict = job.run_mode == "predict"
     model = _tiny_model(job)
     applied = parallelize(model, job.parallel_config, job.recompute_config, job.parallel, job.model,
-                          job.runner_config.seq_length or model.config.seq_length, batched_inputs=not predict,
+                          job.runner_config.seq_length or model.config.seq_length, batched_inputs=True,
                           source=job.source)
     recorded = {k: (v.inputs, v.outputs) for k, v in recorded_strategies(model).items()}
-    expected = intended_table(job, model.config.n_layer, predict)
+    expected = intended_table(job, model.config.n_layer)
     assert set(recorded) == set(expected), (set(recorded) ^ set(expected))
     wrong = {k: (recorded[k], expected[k]) for k in expected if recorded[k] != expected[k]}
     assert not wrong, f"{paths}: {list(wrong.items())[:3]}"
@@ -153,8 +152,6 @@ def test_recorded_strategies_equal_the_intended_table(paths):
     full = [bool(getattr(layer, "_has_config_recompute", False)) for layer in layers]
     select = [bool(layer.feed_forward.mul.attrs.get("recompute")) for layer in layers]
     comm = [bool(layer.attention_norm.norm.attrs.get("recompute_comm_op")) for layer in layers]
-    if predict:
-        return
     if rc.recompute is True:  # (Cell.recompute marks the cell's own comm ops itself: mp_comm_recompute)
         assert all(full) and not any(select)
     else:

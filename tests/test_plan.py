@@ -135,3 +135,98 @@ def test_multinode_launcher_refuses_a_mismatched_launch_and_builds_msrun_for_a_v
                  "--cluster_time_out=300", "train --config", "--runner_config.epochs=1"):
         assert part in cmd, cmd
     assert _launch(cfg, "64", "8", "192.168.1.1", "8118", "8").returncode == 2   # node rank out of range
+
+
+# ---------------------------------------------------------------- predict YAMLs
+PREDICT = [("7b", 1), ("35b", 2), ("115b", 8)]   # the MindSpore port's layouts: model_parallel per size
+
+
+@pytest.mark.parametrize("size,mp", PREDICT)
+def test_predict_yamls_fit_at_the_ports_layout_with_their_kv_cache(size, mp, capsys):
+    from telechat_ms.config import TeleChatConfig
+    from telechat_ms.parallel.memory import HBM_GBS_ATLAS_800T_A2
+    path = os.path.join(YAMLS, size, f"predict_telechat2_{size}.yaml")
+    assert plan_main(["plan", "--config", path, "--workers", str(mp)]) == 0
+    out = capsys.readouterr().out
+    report = make_plan(load_job_config(path), Launch(workers=mp))
+    assert report.valid and report.fits and report.dims.mp == mp and report.limit_gib == 58.0
+    cfg = TeleChatConfig.preset(size)
+    p, parts = report.predict, report.stages[0].parts
+    # weights: bf16, every matrix and both vocabulary tables cut mp ways (norms and biases whole)
+    h, f, kd, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_key_value_heads * cfg.head_dim, cfg.vocab_size
+    matrices = cfg.n_layer * (2 * h * h + 2 * kd * h + 3 * h * f) + 2 * v * h
+    assert parts["weights"] == pytest.approx(2 * (matrices / mp + cfg.n_layer * 4 * h + h))
+    assert parts["weights"] == pytest.approx(2 * cfg.num_parameters() / mp, rel=0.001)
+    assert p.kv_per_token == 2 * 2 * cfg.n_layer * kd / mp                      # bf16 keys and values, 1/mp heads
+    assert parts["kv_cache"] == p.kv_per_token * 1 * 8192
+    assert p.decode.tokens_per_s == pytest.approx(HBM_GBS_ATLAS_800T_A2 * 1e9 / (parts["weights"] + parts["kv_cache"]))
+    published = {"7b": 54.1, "35b": 27.7, "115b": 26.5}[size]
+    assert p.published == published and published < p.decode.tokens_per_s    # the estimate is an upper bound
+    assert p.max_batch >= 1 and p.max_seq >= 8192
+    assert f"published (MindSpore port, Atlas 800T A2, TeleChat2-{size.upper()}): {published} tokens/s" in out
+    assert "kv cache per NPU:" in out and "largest that fits 58.00 GiB: batch" in out
+    assert "kv_cache   = a x 2 x layers x b x L x K x d / mp" in out and "verdict: VALID, fits in memory" in out
+
+
+def test_35b_needs_two_npus_and_115b_rejects_a_split_of_its_kv_heads(capsys):
+    y35 = os.path.join(YAMLS, "35b", "predict_telechat2_35b.yaml")
+    one = make_plan(load_job_config(y35, ["parallel_config.model_parallel=1", "parallel.parallel_mode=stand_alone"]))
+    assert one.valid and not one.fits and one.peak.total / GIB > 58       # 70 GB of bf16 weights alone
+    y115 = os.path.join(YAMLS, "115b", "predict_telechat2_115b.yaml")
+    assert plan_main(["plan", "--config", y115, "--workers", "6", "--parallel_config.model_parallel=6"]) == 1
+    out = capsys.readouterr().out
+    assert "num_key_value_heads 8 is not divisible by model_parallel = 6" in out and "verdict: INVALID" in out
+    assert plan_main(["plan", "--config", y115, "--workers", "4"]) == 1   # the YAML needs 8 workers
+    assert "the launch starts 4 workers but the YAML needs" in capsys.readouterr().out
+
+
+def test_predict_memory_equals_a_hand_calculation():
+    """h 64, 4 heads / 2 kv heads (d 16, Kd 32), f 128, V 256, 2 layers, mp 2, batch 2 x L 32, bf16 weights and
+    compute, flash attention. Weights: matrices 2 x (2*64^2 + 2*32*64 + 3*64*128) = 73728 + vocab 2*256*64 = 32768,
+    cut in 2 = 53248; norms and biases 2 x 4 x 64 = 512; ln_f 64 -> 2 B x 53824. kv: 2 B x 2 x 2 layers x 2 x 32 x
+    32 / 2 = 8192. Working: 2 B x 2 x 32 x (256 + (64 + 64)/2 + 384/2) = 65536, plus the kv heads repeated for flash
+    attention, 2 B x 2 (k, v) x 2 x 32 x 4 heads x 16 / 2 = 8192: 73728. Logits 4 B x 2 x 256 = 2048."""
+    from telechat_ms.config import TeleChatConfig
+    from telechat_ms.parallel.layout import ParallelDims
+    from telechat_ms.parallel.memory import kv_bytes_per_token, predict_memory
+    cfg = TeleChatConfig(hidden_size=64, n_head=4, num_key_value_heads=2, ffn_hidden_size=128, vocab_size=256,
+                         n_layer=2, compute_dtype="bfloat16", param_dtype="bfloat16", use_flash_attention=True)
+    mem = predict_memory(cfg, ParallelDims(mp=2), batch=2, seq=32)
+    assert mem.parts == {"weights": 2 * 53824, "kv_cache": 8192, "working": 73728, "logits": 2048}
+    assert kv_bytes_per_token(cfg, ParallelDims(mp=2)) == 128
+
+
+@pytest.mark.parametrize("override", ["--parallel_config.pipeline_stage=2", "--optimizer.eps=1e-6"])
+def test_plan_refuses_predict_yamls_with_training_or_pipeline_keys(override, capsys):
+    path = os.path.join(YAMLS, "115b", "predict_telechat2_115b.yaml")
+    assert plan_main(["plan", "--config", path, override]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+PREDICT_LAUNCHER = os.path.join(REPO, "run_scripts", "msrun_predict.sh")
+
+
+def _predict_launch(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable}
+    return subprocess.run(["bash", PREDICT_LAUNCHER, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_predict_launcher_checks_the_worker_count_against_the_yaml_and_builds_msrun():
+    y115 = os.path.join(YAMLS, "115b", "predict_telechat2_115b.yaml")
+    good = _predict_launch(y115, "--input", "q.jsonl", "--output", "a.jsonl", "--load_checkpoint=/data/115b")
+    assert good.returncode == 0, good.stderr
+    assert "verdict: VALID, fits in memory" in good.stdout               # plan ran first
+    cmd = good.stdout.strip().splitlines()[-1]
+    for part in ("msrun", "--worker_num=8", "--local_worker_num=8", "--tail_worker_log=0", "generate --config", y115,
+                 "--input q.jsonl", "--output a.jsonl", "--load_checkpoint=/data/115b"):
+        assert part in cmd, cmd
+    bad = _predict_launch(y115, "6", "--prompt", "hi")
+    assert bad.returncode == 1 and "refusing to launch" in bad.stderr
+    assert "the launch starts 6 workers but the YAML needs" in bad.stdout and "msrun --worker_num" not in bad.stdout
+    # mp from the overrides too: the 35B YAML at mp 4 needs 4 workers
+    y35 = os.path.join(YAMLS, "35b", "predict_telechat2_35b.yaml")
+    assert _predict_launch(y35, "2", "--prompt", "hi", "--parallel_config.model_parallel=4").returncode == 1
+    assert "--worker_num=4" in _predict_launch(y35, "--prompt", "hi", "--parallel_config.model_parallel=4").stdout
+    # today's data-parallel replicas without a YAML
+    dp = _predict_launch("2", "/data/7b", "in.jsonl", "out.jsonl", "--batch-size", "4")
+    assert dp.returncode == 0 and "--worker_num=2" in dp.stdout and "--data-parallel" in dp.stdout

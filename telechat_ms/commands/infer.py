@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -12,9 +13,11 @@ CHAT_HELP = "commands: /clear (forget the history), /system TEXT (set the system
             "/history, /exit"
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
+def _add_generation_args(p: argparse.ArgumentParser, optional_model: bool = False) -> None:
     """Decoding options; anything left unset comes from MODEL_DIR/generation_config.json (or the defaults)."""
-    p.add_argument("model_dir", help="checkpoint directory (HF or MindSpore safetensors)")
+    p.add_argument("model_dir", nargs="?" if optional_model else None,
+                   help="checkpoint directory (HF or MindSpore safetensors)"
+                        + ("; not with --config (its load_checkpoint)" if optional_model else ""))
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or its directory (default: MODEL_DIR)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     sample = p.add_mutually_exclusive_group()
@@ -48,17 +51,22 @@ def _set_device(target: str | None) -> None:
         ms.set_device(target)
 
 
-def _load(args: argparse.Namespace):
-    """(model, tokenizer) from the command line."""
+def _tokenizer(path: str, model):
+    """The tokenizer at path (tokenizer.model or its directory), checked against the model's vocabulary."""
     from telechat_ms.data.tokenizer import TeleChatTokenizer
-    from telechat_ms.model.telechat import TeleChatForCausalLM
-    _set_device(args.device_target)
-    tokenizer = TeleChatTokenizer.from_pretrained(args.tokenizer or args.model_dir)
-    model = TeleChatForCausalLM.from_pretrained(args.model_dir)
+    tokenizer = TeleChatTokenizer.from_pretrained(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TeleChatError(f"{tokenizer.model_file}: {tokenizer.vocab_size} pieces, but the model's vocab_size is "
                             f"{model.config.vocab_size}")
-    return model, tokenizer
+    return tokenizer
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer) from the command line."""
+    from telechat_ms.model.telechat import TeleChatForCausalLM
+    _set_device(args.device_target)
+    model = TeleChatForCausalLM.from_pretrained(args.model_dir)
+    return model, _tokenizer(args.tokenizer or args.model_dir, model)
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -108,19 +116,11 @@ def _chat(args: argparse.Namespace) -> int:
               f"{s['prefill_seconds']:.2f} s; {stream.finish_reason}]", flush=True)
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _answer(model, tokenizer, args: argparse.Namespace, output: str | None, batch_size: int,
+            options: dict[str, Any], world: tuple[int, int] | None = None) -> int:
+    """--prompt: print the answer; --input: answer the file into output (this process, or its share of it)."""
     from telechat_ms.chat_template import apply_chat_template
     from telechat_ms.infer import batch
-    if bool(args.input) == bool(args.prompt):
-        raise TeleChatError("give exactly one of --input FILE.jsonl or --prompt TEXT")
-    if args.input and not args.output:
-        raise TeleChatError("--input needs --output FILE.jsonl")
-    world = None
-    if args.data_parallel:  # communication first: on Ascend it binds each worker to its device
-        _set_device(args.device_target)
-        world = batch.init_workers()
-    model, tokenizer = _load(args)
-    options = _options(args)
     if args.prompt:
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
             [{"role": "user", "content": args.prompt}]
@@ -129,16 +129,90 @@ def _generate(args: argparse.Namespace) -> int:
         batch.run_batch(model, tokenizer, iter([req]), records.append, use_jit=not args.no_jit, **options)
         print(records[0]["answer"])
         return 0
-    kwargs = dict(batch_size=args.batch_size, on_error=args.on_error, use_jit=not args.no_jit, **options)
-    if not args.data_parallel:
-        counts = batch.predict_file(model, tokenizer, args.input, args.output, show_progress=not args.quiet, **kwargs)
+    kwargs = dict(batch_size=batch_size, on_error=args.on_error, use_jit=not args.no_jit, **options)
+    if world is None:
+        counts = batch.predict_file(model, tokenizer, args.input, output, show_progress=not args.quiet, **kwargs)
     else:
-        counts = batch.predict_file_data_parallel(model, tokenizer, args.input, args.output, *world, **kwargs)
+        counts = batch.predict_file_data_parallel(model, tokenizer, args.input, output, *world, **kwargs)
         if counts is None:  # not rank 0
             return 0
     print(f"wrote {counts['answered']} answers ({counts['new_tokens']} tokens), {counts['errors']} bad line(s) "
-          f"to {args.output}", file=sys.stderr)
+          f"to {output}", file=sys.stderr)
     return 0
+
+
+def _check_request(args: argparse.Namespace, default_output: str | None = None) -> str | None:
+    """Exactly one of --input / --prompt; the output file of --input."""
+    if bool(args.input) == bool(args.prompt):
+        raise TeleChatError("give exactly one of --input FILE.jsonl or --prompt TEXT")
+    if args.input and not (args.output or default_output):
+        raise TeleChatError("--input needs --output FILE.jsonl")
+    return args.output or default_output if args.input else None
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from telechat_ms.infer import batch
+    if args.config:
+        return _generate_from_config(args)
+    if args.overrides:
+        raise TeleChatError(f"{args.overrides[0]}: --key.path=value overrides need --config PREDICT.yaml")
+    if not args.model_dir:
+        raise TeleChatError("give MODEL_DIR or --config PREDICT.yaml")
+    output = _check_request(args)
+    world = None
+    if args.data_parallel:  # communication first: on Ascend it binds each worker to its device
+        _set_device(args.device_target)
+        world = batch.init_workers()
+    model, tokenizer = _load(args)
+    return _answer(model, tokenizer, args, output, args.batch_size or 1, _options(args), world)
+
+
+def _generate_from_config(args: argparse.Namespace) -> int:
+    """generate --config PREDICT.yaml: one process, data-parallel replicas, or model parallel in lockstep."""
+    from telechat_ms.parallel.predict_job import load_predict_job
+    job = load_predict_job(args.config, args.overrides)
+    for given, flag, key in ((args.model_dir, "MODEL_DIR", "load_checkpoint"),
+                             (args.device_target, "--device-target", "context.device_target"),
+                             (args.data_parallel, "--data-parallel", "parallel.parallel_mode"),
+                             (args.batch_size, "--batch-size", "runner_config.batch_size")):
+        if given:
+            raise TeleChatError(f"{flag} is not used with --config: the YAML's {key} says it "
+                                f"(override it with --{key}=VALUE)")
+    stem = os.path.splitext(os.path.basename(args.input or ""))[0]
+    output = _check_request(args, os.path.join(job.output_dir, f"{stem}.answers.jsonl"))
+    os.environ.setdefault("LOG_MF_PATH", os.path.join(job.output_dir, "mindformers_log"))
+    options = _options(args)
+    options.setdefault("seed", job.seed)
+    if job.model_parallel:
+        from telechat_ms.parallel.predict import build_model_parallel
+        return _lockstep(args, job, build_model_parallel(job, use_jit=not args.no_jit), output, options)
+    from telechat_ms.infer.kv_cache import CacheStepper, use_stepper_factory
+    from telechat_ms.model.telechat import TeleChatForCausalLM
+    from telechat_ms.parallel.context import setup_context
+    from telechat_ms.parallel.predict import stepper_factory
+    run = setup_context(job.context, job.parallel, job.parallel_config, job.source, job.output_dir)
+    model = TeleChatForCausalLM.from_pretrained(job.load_checkpoint, config=job.model_config)
+    # the job's kv cache, as plan sizes it: runner_config.batch_size rows x seq_length slots, compiled at jit_level
+    stepper = CacheStepper(model, job.batch_size, job.model_config.seq_length, use_jit=not args.no_jit)
+    stepper.cell.set_jit_config(run.jit_config())
+    use_stepper_factory(model, stepper_factory(stepper))
+    tokenizer = _tokenizer(args.tokenizer or job.load_checkpoint, model)
+    world = (run.rank, run.world_size) if run.world_size > 1 else None
+    return _answer(model, tokenizer, args, output, job.batch_size, options, world)
+
+
+def _lockstep(args: argparse.Namespace, job, session, output: str | None, options: dict[str, Any]) -> int:
+    """Every rank steps in lockstep: rank 0 tokenizes, schedules, samples and writes; the others follow it."""
+    from telechat_ms.infer.kv_cache import use_stepper_factory
+    from telechat_ms.parallel.predict import run_lockstep, stepper_factory
+
+    def work(model, leader) -> int:
+        use_stepper_factory(model, stepper_factory(leader))
+        tokenizer = _tokenizer(args.tokenizer or job.load_checkpoint, model)
+        return _answer(model, tokenizer, args, output, job.batch_size, options)
+
+    result = run_lockstep(session, work)
+    return 0 if result is None else result
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -150,15 +224,26 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 
     g = subparsers.add_parser("generate", help="answer one prompt or a jsonl file of conversations",
                               description="Batch prediction: --input conversations.jsonl --output answers.jsonl "
-                                          "(order and ids kept), or --prompt TEXT.")
-    _add_generation_args(g)
+                                          "(order and ids kept), or --prompt TEXT; from MODEL_DIR, or from a predict "
+                                          "YAML (--config) in one process, as data-parallel replicas or model "
+                                          "parallel under msrun (run_scripts/msrun_predict.sh).")
+    _add_generation_args(g, optional_model=True)
+    g.add_argument("--config", default=None,
+                   help="predict YAML (yaml_configs/<size>/predict_telechat2_<size>.yaml) instead of MODEL_DIR: "
+                        "checkpoint, device, parallel layout (model_parallel > 1: run it under msrun, e.g. "
+                        "run_scripts/msrun_predict.sh), kv cache of runner_config.batch_size x seq_length; "
+                        "--key.path=value overrides its keys")
     g.add_argument("--prompt", default=None, help="one user message; the answer is printed")
     g.add_argument("--input", default=None, help="jsonl of conversations ({messages}, {system, dialog}, {prompt})")
-    g.add_argument("--output", default=None, help="jsonl of answers, one per input line, in input order")
-    g.add_argument("--batch-size", type=int, default=1, help="prompts generated together (left padding, masked)")
+    g.add_argument("--output", default=None,
+                   help="jsonl of answers, one per input line, in input order (with --config default: "
+                        "OUTPUT_DIR/<input name>.answers.jsonl)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="prompts generated together (left padding, masked; default 1; with --config: "
+                        "runner_config.batch_size)")
     g.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                    help="malformed lines: report file:line and write an error record (skip) or stop (fail)")
     g.add_argument("--data-parallel", action="store_true",
                    help="under msrun: every worker answers its share of the lines; rank 0 writes --output")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.set_defaults(func=_generate)
+    g.set_defaults(func=_generate, overrides=[], takes_overrides=True)

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from telechat_ms.commands.train import YAML_KEYS_HELP
+from telechat_ms.parallel.memory import HBM_GBS_ATLAS_800T_A2
 
 EXIT_INVALID = 1
 EXIT_OVER_MEMORY = 3
@@ -20,9 +21,12 @@ def _plan(args: argparse.Namespace) -> int:
     from telechat_ms.parallel.plan import Launch, format_plan, make_plan
 
     job = load_job_config(args.config, overrides=args.overrides)
+    if job.run_mode == "predict":  # the keys generate --config reads, and nothing a predict job ignores
+        from telechat_ms.parallel.predict_job import load_predict_job
+        load_predict_job(args.config, args.overrides)
     launch = Launch(nodes=args.nodes, npus_per_node=args.npus_per_node, workers=args.workers)
     report = make_plan(job, launch, hbm_gb=args.hbm_gb, runtime_reserve_gb=args.runtime_reserve_gb, mfu=args.mfu,
-                       peak_tflops=args.peak_tflops)
+                       peak_tflops=args.peak_tflops, hbm_bandwidth_gbs=args.hbm_bandwidth_gbs)
     print(format_plan(report))
     if not report.valid:
         print("telechat-ms plan: INVALID plan: fix the errors above before launching", file=sys.stderr)
@@ -49,4 +53,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                         "max_device_memory")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation for the throughput line")
     p.add_argument("--peak-tflops", type=float, default=313.0, help="peak bf16 TFLOPS per NPU (assumed)")
+    p.add_argument("--hbm-bandwidth-gbs", type=float, default=HBM_GBS_ATLAS_800T_A2,
+                   help="HBM bandwidth per NPU in GB/s for the decode-speed estimate of predict YAMLs (default "
+                        f"{HBM_GBS_ATLAS_800T_A2:.1f}: Atlas 800T A2's 64 GB of HBM2e taken as 4 stacks x 1024 bits "
+                        "x 3.2 Gb/s per pin, JEDEC HBM2E; derived, Huawei publishes no figure for the 910B)")
     p.set_defaults(func=_plan, overrides=[], takes_overrides=True)

@@ -150,12 +150,22 @@ class DecodeSession:
         return logits
 
 
+def use_stepper_factory(model, factory) -> None:
+    """Make every later DecodeSession of `model` step through factory(batch, needed_len) (a stepper with at least
+    needed_len slots, e.g. telechat_ms.parallel's model-parallel stepper behind rank 0's lockstep) instead of a
+    local CacheStepper; None undoes it."""
+    model.__dict__.pop("_telechat_decode_sessions", None)
+    model.__dict__["_telechat_stepper_factory"] = factory
+
+
 def session_for(model, batch: int, needed_len: int, use_jit: bool = True) -> DecodeSession:
     """A DecodeSession of at least needed_len slots, reused across calls (and their compiled graphs)."""
     sessions: OrderedDict = model.__dict__.setdefault("_telechat_decode_sessions", OrderedDict())
-    max_len = bucket(needed_len, MIN_CACHE_LEN)
+    factory = model.__dict__.get("_telechat_stepper_factory")
+    stepper = factory(batch, needed_len) if factory else None
+    max_len = stepper.max_len if stepper is not None else bucket(needed_len, MIN_CACHE_LEN)
     key = (batch, max_len, bool(use_jit))
-    session = sessions.pop(key, None) or DecodeSession(model, batch, max_len, use_jit)
+    session = sessions.pop(key, None) or DecodeSession(model, batch, max_len, use_jit, stepper=stepper)
     sessions[key] = session
     while len(sessions) > _KEEP_SESSIONS:
         sessions.popitem(last=False)

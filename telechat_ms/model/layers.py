@@ -86,6 +86,11 @@ class TeleChatAttention(nn.Cell):
             self.pv_matmul = P.BatchMatMul()
         # kv-cache path (inference only; no parameters): in-place scatter into the caches, grouped attention
         self.cache_update = P.ScatterNdUpdate()
+        # The model-parallel predict configuration (telechat_ms.parallel) shards the caches by kv head and writes
+        # with ScatterNdAdd into slots its stepper has zeroed: MindSpore cannot split the dimensions a
+        # ScatterNdUpdate indexes (the kv head is one of them), a ScatterNdAdd it can.
+        self.cache_add = P.ScatterNdAdd()
+        self.cache_write_by_add = False
         self.cache_qk = P.BatchMatMul(transpose_b=True)
         self.cache_pv = P.BatchMatMul()
         self.mul_scale_c = P.Mul()
@@ -133,8 +138,9 @@ class TeleChatAttention(nn.Cell):
         """
         bs, seq, _ = x.shape
         q, k, v = self._project(x, cos, sin)
-        k_cache = self.cache_update(k_cache, cache_index, self.cast(k, k_cache.dtype))
-        v_cache = self.cache_update(v_cache, cache_index, self.cast(v, v_cache.dtype))
+        write = self.cache_add if self.cache_write_by_add else self.cache_update
+        k_cache = write(k_cache, cache_index, self.cast(k, k_cache.dtype))
+        v_cache = write(v_cache, cache_index, self.cast(v, v_cache.dtype))
         if self.use_flash_attention and seq > 1:  # Ascend prefill: the fused kernel over the repeated cache
             max_len = k_cache.shape[2]
             out = self.flash_attention(q, self._repeat_kv(k_cache, bs, max_len), self._repeat_kv(v_cache, bs, max_len),

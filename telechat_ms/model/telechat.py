@@ -73,6 +73,7 @@ class TeleChatForCausalLM(nn.Cell, GenerationMixin):
         self.concat = P.Concat(axis=1)
         self.fill_ignore = P.Fill()
         self.gather_last = P.Gather()
+        self.logits_fp32 = P.Cast()  # the cached step's logits; model-parallel predict gathers the vocab shards here
 
     # ------------------------------------------------------------------ forward
     def construct(self, input_ids, labels=None, cos=None, sin=None, attn_mask=None):
@@ -89,7 +90,7 @@ class TeleChatForCausalLM(nn.Cell, GenerationMixin):
         token at position last_index (int32 [1]) of input_ids; the caches are updated in place."""
         hidden = self.model.construct_with_cache(input_ids, cos, sin, attn_mask, k_caches, v_caches, cache_index)
         hidden = self.gather_last(hidden, last_index, 1)
-        return self.cast(self.lm_head(hidden), ms.float32)
+        return self.logits_fp32(self.lm_head(hidden), ms.float32)
 
     def loss(self, logits, labels):
         """Shifted cross entropy, mean over targets != -100 (token mean over the batch)."""

@@ -40,11 +40,18 @@ FORMULAS = [
     "pool       = sum of the above, compared to context.max_device_memory (GiB)",
 ]
 PREDICT_FORMULAS = [
-    "weights    = param-dtype bytes x (layers x (matrix params / mp + norms, biases) + 2 x V x h / mp + h)",
-    "kv_cache   = a x 2 x layers x batch x seq x kv_heads x head_dim / mp",
-    "working    = a x (4 x b*s*h + 2 x b*s*f/mp)   [one layer's prefill temporaries]",
-    "logits     = 4 B x batch x seq x V / mp       [fp32 logits of the prefill]",
+    "weights    = w x (layers x (matrix params / mp + norms, biases) + 2 x V x h / mp + h)   [w = param-dtype bytes]",
+    "kv_cache   = a x 2 x layers x b x L x K x d / mp   [keys and values of b rows x L slots, split by whole kv heads]",
+    "working    = a x b x L x (4h + (h + 2Kd)/mp + 3f/mp)  [one layer of a prefill filling the cache]",
+    "             + flash attention: a x 2 x b x L x n x d / mp (kv heads repeated to the query heads, n_rep > 1);",
+    "             plain attention: (4 + a) x b x (n/mp) x L x L (fp32 scores and probabilities)",
+    "logits     = 4 B x b x V   [fp32 logits of each row's last token, gathered from the vocab shards]",
 ]
+# Published single-request decode speed of the MindSpore port on Atlas 800T A2 (spec section 7), tokens/s.
+PUBLISHED_DECODE_TOKENS_S = {"7b": 54.1, "35b": 27.7, "115b": 26.5}
+# Default HBM bandwidth of one Atlas 800T A2 NPU (Ascend 910B), GB/s: derived, not a Huawei-published figure:
+# 64 GB of HBM2e as 4 stacks of 16 GB, each 1024 bits wide at JEDEC HBM2E's 3.2 Gb/s per pin (409.6 GB/s).
+HBM_GBS_ATLAS_800T_A2 = 4 * 1024 * 3.2 / 8
 
 
 @dataclass
@@ -166,19 +173,69 @@ def stage_memory(cfg: TeleChatConfig, dims: ParallelDims, layout: StageLayout, i
 
 
 def predict_memory(cfg: TeleChatConfig, dims: ParallelDims, batch: int, seq: int) -> StageMemory:
-    """Inference on one stage: weights in param dtype split by mp, kv cache for batch x seq, prefill logits."""
+    """Inference on one stage: weights in param dtype split by mp, kv cache for batch x seq, prefill working set."""
     w = DTYPE_BYTES[cfg.param_dtype]
     a = DTYPE_BYTES[cfg.compute_dtype]
+    mp, d, n = dims.mp, cfg.head_dim, cfg.n_head
     lp_mp, lp_small = layer_params(cfg)
     vh = cfg.vocab_size * cfg.hidden_size
-    vocab_split = 1 if dims.vocab_emb_dp or cfg.vocab_size % dims.mp else dims.mp
-    weights = w * (cfg.n_layer * (lp_mp / dims.mp + lp_small) + 2 * vh / vocab_split + cfg.hidden_size)
-    kv = a * 2 * cfg.n_layer * batch * seq * cfg.num_key_value_heads * cfg.head_dim / dims.mp
-    x = batch * seq * cfg.hidden_size
-    working = a * (4 * x + 2 * batch * seq * cfg.ffn_hidden_size / dims.mp)   # one layer's prefill temporaries
-    logits = 4 * batch * seq * cfg.vocab_size / vocab_split
+    vocab_split = 1 if dims.vocab_emb_dp or cfg.vocab_size % mp else mp
+    weights = w * (cfg.n_layer * (lp_mp / mp + lp_small) + 2 * vh / vocab_split + cfg.hidden_size)
+    kv = kv_bytes_per_token(cfg, dims) * batch * seq
+    kd = cfg.num_key_value_heads * d
+    working = a * batch * seq * (4 * cfg.hidden_size + (cfg.hidden_size + 2 * kd) / mp + 3 * cfg.ffn_hidden_size / mp)
+    if cfg.use_flash_attention:
+        working += a * 2 * batch * seq * n * d / mp if cfg.n_rep > 1 else 0.0
+    else:
+        working += (4 + a) * batch * (n / mp) * seq * seq
+    logits = 4.0 * batch * cfg.vocab_size
     return StageMemory(stage=0, layers=cfg.n_layer, in_flight=1,
                        parts={"weights": weights, "kv_cache": kv, "working": working, "logits": logits})
+
+
+def kv_bytes_per_token(cfg: TeleChatConfig, dims: ParallelDims) -> float:
+    """kv-cache bytes one token of one row takes on each NPU (keys and values of every layer, 1/mp of the heads)."""
+    return DTYPE_BYTES[cfg.compute_dtype] * 2 * cfg.n_layer * cfg.num_key_value_heads * cfg.head_dim / dims.mp
+
+
+def largest_fitting(total, limit_bytes: float, upper: int) -> int:
+    """Largest x in [0, upper] with total(x) <= limit_bytes, for a total() that grows with x (binary search)."""
+    lo, hi = 0, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if total(mid) <= limit_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def released_size(cfg: TeleChatConfig) -> str | None:
+    """'3b' / '7b' / '35b' / '115b' when the config has a released model's shape, else None."""
+    keys = ("n_layer", "hidden_size", "ffn_hidden_size", "n_head", "num_key_value_heads", "vocab_size")
+    for name in ("3b", "7b", "35b", "115b"):
+        ref = TeleChatConfig.preset(name)
+        if all(getattr(ref, k) == getattr(cfg, k) for k in keys):
+            return name
+    return None
+
+
+@dataclass
+class DecodeEstimate:
+    """Memory-bound decode speed: every step reads the weights and the whole static kv cache once."""
+
+    bytes_per_step: float
+    bandwidth_gbs: float
+    batch: int
+
+    @property
+    def step_seconds(self) -> float:
+        return self.bytes_per_step / (self.bandwidth_gbs * 1e9)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens per second of one request (each row gets one token per step)."""
+        return 1.0 / self.step_seconds
 
 
 @dataclass

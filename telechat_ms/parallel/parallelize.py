@@ -4,6 +4,9 @@ Shard strategies on every primitive, ring-attention flags on the flash-attention
 each cell (with offsets and interleave), gradient fusion groups, and full / selective / communication
 recompute per layer. In stand_alone and data_parallel MindSpore ignores strategies and pipeline stages, so
 calling this on CPU is harmless; the trainer calls it only for semi_auto / auto parallel jobs.
+
+`parallelize_predict(model, ...)` does the same for inference: the predict table on every primitive of the cached
+prefill and decode steps, and the kv-cache write MindSpore can split by kv heads.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import ConfigError
 from telechat_ms.job_config import ModelSection, ParallelConfig, ParallelContext, RecomputeConfig
 from telechat_ms.parallel.layout import ParallelDims, StageLayout, check_layout, per_stage_layers, stage_layout
-from telechat_ms.parallel.strategies import Shard, apply_strategies, strategy_table
+from telechat_ms.parallel.strategies import (Shard, apply_strategies, parameter_splits, predict_strategy_table,
+                                             strategy_table)
 
 # Primitives recomputed by selective recompute (MindFormers' default patterns feed_forward.mul and the
 # SiLU, plus the attention-score ops when flash attention is off).
@@ -138,3 +142,50 @@ def parallelize(model, pc: ParallelConfig, rc: RecomputeConfig, par: ParallelCon
     _recompute(model, rc, full, select, comm, cfg.use_flash_attention)
     return AppliedParallel(dims=dims, table=table, layout=layout, full_recompute=full, select_recompute=select,
                            comm_recompute=comm, ring_attention=ring)
+
+
+@dataclass
+class AppliedPredict:
+    """What parallelize_predict did: degrees, the strategy table, and the split of every model parameter."""
+
+    dims: ParallelDims
+    table: dict[str, Shard]
+    param_splits: dict[str, tuple]
+
+
+def predict_layout(cfg: TeleChatConfig, pc: ParallelConfig, source: str = "") -> ParallelDims:
+    """Degrees of a model-parallel predict job, raising ConfigError for a split inference cannot take.
+
+    Inference splits heads, kv heads, ffn and vocabulary by model_parallel only: no pipeline, context or data
+    parallel inside one model (data-parallel replicas are separate jobs: run_scripts/msrun_predict.sh WORKERS ...).
+    The kv-head rule is the training one (whole [k_h; v_h] pairs per rank), checked by check_layout.
+    """
+    for name, why in (("pipeline_stage", "pipeline-parallel inference is not provided"),
+                      ("context_parallel", "context-parallel inference is not provided"),
+                      ("data_parallel", "a model-parallel predict job holds one replica; for data-parallel "
+                                        "replicas launch one job per replica (run_scripts/msrun_predict.sh "
+                                        "WORKERS MODEL_DIR ...)")):
+        if getattr(pc, name) != 1:
+            raise ConfigError(f"{source}: 'parallel_config.{name}' is {getattr(pc, name)}: {why}; set it to 1")
+    dims = ParallelDims(mp=pc.model_parallel, vocab_emb_dp=bool(pc.vocab_emb_dp))
+    errors = [i for i in check_layout(cfg, dims, cfg.seq_length) if i.level == "error"]
+    if errors:
+        raise ConfigError(f"{source}: " + "; ".join(f"{i.field}: {i.message}" for i in errors))
+    return dims
+
+
+def parallelize_predict(model, pc: ParallelConfig, source: str = "") -> AppliedPredict:
+    """Apply the predict strategies to `model` (a TeleChatForCausalLM built under the semi-auto context).
+
+    Shards every primitive of the cached prefill and decode graphs, and switches the attention's cache write to
+    the shardable ScatterNdAdd (the stepper of telechat_ms.parallel.predict zeroes the slots it writes).
+    """
+    cfg = model.config
+    dims = predict_layout(cfg, pc, source)
+    fused = not getattr(model.model.norm_out, "self_define", True)
+    table = predict_strategy_table(cfg, dims, fused_norm=fused)
+    apply_strategies(model, table)
+    for layer in model.model.layers:
+        layer.attention.cache_write_by_add = True
+    splits = parameter_splits([p.name for p in model.get_parameters()], table)
+    return AppliedPredict(dims=dims, table=table, param_splits=splits)

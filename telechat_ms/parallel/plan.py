@@ -14,8 +14,10 @@ from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import ConfigError
 from telechat_ms.job_config import JobConfig
 from telechat_ms.parallel.layout import Issue, ParallelDims, StageLayout, check_layout, stage_layout
-from telechat_ms.parallel.memory import (FORMULAS, GIB, PREDICT_FORMULAS, Flops, MemoryInputs, StageMemory,
-                                         predict_memory, stage_memory, training_flops)
+from telechat_ms.parallel.memory import (FORMULAS, GIB, HBM_GBS_ATLAS_800T_A2, PREDICT_FORMULAS,
+                                         PUBLISHED_DECODE_TOKENS_S, DecodeEstimate, Flops, MemoryInputs, StageMemory,
+                                         kv_bytes_per_token, largest_fitting, predict_memory, released_size,
+                                         stage_memory, training_flops)
 from telechat_ms.parallel.parallelize import recompute_sets
 
 ASCEND_ONLY = ("use_flash_attention", "fused_rms_norm")
@@ -37,6 +39,21 @@ class Launch:
 
 
 @dataclass
+class PredictPlan:
+    """What a predict job needs per NPU, how far it stretches, and how fast it can decode at best."""
+
+    batch: int
+    seq: int
+    kv_per_token: float                # bytes per token of one row on each NPU
+    max_batch: int                     # rows of seq slots that fit the limit
+    max_seq: int                       # slots per row that fit the limit at `batch` rows
+    decode: DecodeEstimate | None      # weights + the whole static kv cache read per step (Ascend jobs)
+    weights_only: DecodeEstimate | None
+    size: str | None = None
+    published: float | None = None     # the MindSpore port's tokens/s for this size
+
+
+@dataclass
 class PlanReport:
     """Everything `plan` found; `valid` and `fits` are the verdicts."""
 
@@ -52,6 +69,7 @@ class PlanReport:
     mfu: float = 0.0
     peak_tflops: float = 0.0
     what_if: dict[str, float] = field(default_factory=dict)   # peak bytes under other recompute / optimizer choices
+    predict: PredictPlan | None = None
 
     @property
     def valid(self) -> bool:
@@ -77,7 +95,8 @@ def _gib(text: str) -> float | None:
     raise ConfigError(f"context.max_device_memory {text!r}: expected a size like '58GB'")
 
 
-def _check_job(job: JobConfig, cfg: TeleChatConfig, dims: ParallelDims, seq: int, launch: Launch) -> tuple[list[Issue], StageLayout | None]:
+def _check_job(job: JobConfig, cfg: TeleChatConfig, dims: ParallelDims, seq: int,
+               launch: Launch) -> tuple[list[Issue], StageLayout | None]:
     """Layout checks plus launch, mode, switch, batch and recompute checks."""
     issues = check_layout(cfg, dims, seq)
     err = lambda f, m: issues.append(Issue("error", f, m))   # noqa: E731
@@ -110,7 +129,14 @@ def _check_job(job: JobConfig, cfg: TeleChatConfig, dims: ParallelDims, seq: int
         err("parallel.pipeline_interleave", f"parallel_config.pp_interleave_num {dims.interleave} needs "
             "parallel.pipeline_interleave: true")
     rows = job.runner_config.batch_size * seq
-    if rows % (dims.cp * dims.mp):
+    if job.run_mode == "predict":
+        for name, value in (("pipeline_stage", dims.pp), ("context_parallel", dims.cp)):
+            if value != 1:
+                err(f"parallel_config.{name}", f"{value}: {name.split('_')[0]}-parallel inference is not provided")
+        if dims.dp != 1 and mode in ("semi_auto_parallel", "auto_parallel"):
+            err("parallel_config.data_parallel", f"{dims.dp}: a model-parallel predict job holds one replica; "
+                "launch one job per replica")
+    elif rows % (dims.cp * dims.mp):
         err("runner_config.batch_size", f"batch_size x seq_length = {rows} tokens per micro batch is not "
             f"divisible by context_parallel x model_parallel = {dims.cp * dims.mp} (row-parallel loss)")
     layout = None
@@ -123,8 +149,23 @@ def _check_job(job: JobConfig, cfg: TeleChatConfig, dims: ParallelDims, seq: int
     return issues, layout
 
 
+def _predict_plan(cfg: TeleChatConfig, dims: ParallelDims, batch: int, seq: int, limit_bytes: float,
+                  bandwidth_gbs: float, ascend: bool) -> PredictPlan:
+    """Per-NPU kv cache, the largest batch / length that fit, and (Ascend) the memory-bound decode speed."""
+    mem = predict_memory(cfg, dims, batch, seq)
+    size = released_size(cfg)
+    return PredictPlan(
+        batch=batch, seq=seq, kv_per_token=kv_bytes_per_token(cfg, dims),
+        max_batch=largest_fitting(lambda b: predict_memory(cfg, dims, b, seq).total, limit_bytes, 1 << 16),
+        max_seq=largest_fitting(lambda n: predict_memory(cfg, dims, batch, n).total, limit_bytes, 1 << 22),
+        decode=DecodeEstimate(mem.parts["weights"] + mem.parts["kv_cache"], bandwidth_gbs, batch) if ascend else None,
+        weights_only=DecodeEstimate(mem.parts["weights"], bandwidth_gbs, batch) if ascend else None,
+        size=size, published=PUBLISHED_DECODE_TOKENS_S.get(size or ""))
+
+
 def make_plan(job: JobConfig, launch: Launch | None = None, hbm_gb: float = 64.0, runtime_reserve_gb: float = 2.0,
-              mfu: float = 0.4, peak_tflops: float = 313.0) -> PlanReport:
+              mfu: float = 0.4, peak_tflops: float = 313.0,
+              hbm_bandwidth_gbs: float = HBM_GBS_ATLAS_800T_A2) -> PlanReport:
     """Validate a job against a launch and estimate memory, FLOPs and throughput."""
     launch = launch or Launch()
     cfg = job.model_config()
@@ -137,7 +178,10 @@ def make_plan(job: JobConfig, launch: Launch | None = None, hbm_gb: float = 64.0
     if layout is None or not report.valid:
         return report
     if job.run_mode == "predict":
-        report.stages = [predict_memory(cfg, dims, job.runner_config.batch_size, seq)]
+        batch = job.runner_config.batch_size
+        report.stages = [predict_memory(cfg, dims, batch, seq)]
+        report.predict = _predict_plan(cfg, dims, batch, seq, report.limit_gib * GIB, hbm_bandwidth_gbs,
+                                       job.context.device_target == "Ascend")
         return report
     full, select, comm = recompute_sets(job.recompute_config, layout, dims.pp, job.source)
     accumulate = dims.pp > 1 or job.runner_config.gradient_accumulation_steps > 1
@@ -163,6 +207,28 @@ def make_plan(job: JobConfig, launch: Launch | None = None, hbm_gb: float = 64.0
     report.flops = training_flops(cfg, seq, tokens, len(full) / cfg.n_layer)
     report.tokens_per_s_per_npu = mfu * peak_tflops * 1e12 / report.flops.per_token  # each NPU: 1/world of it all
     return report
+
+
+def _format_predict(p: PredictPlan, limit_gib: float) -> list[str]:
+    """The inference lines of the plan: kv cache, the largest fit, the decode-speed estimate."""
+    lines = [f"  kv cache per NPU: {p.kv_per_token / 1024:.1f} KiB per token per row; "
+             f"{p.kv_per_token * p.batch * p.seq / GIB:.2f} GiB at batch {p.batch} x seq_length {p.seq}",
+             f"  largest that fits {limit_gib:.2f} GiB: batch {p.max_batch} at seq_length {p.seq}; "
+             f"seq_length {p.max_seq} at batch {p.batch}"]
+    if p.decode is None:
+        return lines + ["  decode estimate: for Ascend jobs (context.device_target: Ascend) only"]
+    dec, weights = p.decode, p.weights_only.bytes_per_step
+    lines += [f"  decode estimate (memory-bound: each step reads the weights and the whole static kv cache once; "
+              f"HBM {dec.bandwidth_gbs:.1f} GB/s, --hbm-bandwidth-gbs): {(dec.bytes_per_step - weights) / 1e9:.2f} "
+              f"GB kv + {weights / 1e9:.2f} GB weights per step -> {dec.tokens_per_s:.1f} tokens/s per request "
+              f"({p.weights_only.tokens_per_s:.1f} with the weights alone)"]
+    if p.published is not None:
+        lines.append(f"  published (MindSpore port, Atlas 800T A2, TeleChat2-{p.size.upper()}): {p.published} "
+                     f"tokens/s = {p.published / dec.tokens_per_s:.0%} of the estimate (an upper bound: it ignores "
+                     "collectives, kernel launches and host time)")
+    else:
+        lines.append("  published: no decode speed was published for this model")
+    return lines
 
 
 def format_plan(r: PlanReport) -> str:
@@ -195,6 +261,8 @@ def format_plan(r: PlanReport) -> str:
         if r.what_if:
             lines.append("  peak GiB under other choices: " + "; ".join(
                 f"{name} {v / GIB:.1f}" for name, v in r.what_if.items()))
+        if r.predict:
+            lines += _format_predict(r.predict, r.limit_gib)
         if d.interleave > 1:
             lines.append(f"  note: under Megatron's interleaved 1F1B (more micro batches in flight on early stages) "
                          f"the peak would be {r.interleave_peak / GIB:.2f} GiB")

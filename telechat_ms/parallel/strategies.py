@@ -16,6 +16,12 @@ MindFormers conventions (dp = data, mp = model/tensor, cp = context parallel; `s
 
 `strategy_table` is pure data (tested against hand-written tables); `apply_strategies` calls `.shard()` on the
 model's primitives (silently ignored by MindSpore in stand_alone / data_parallel, so CPU runs are unaffected).
+
+`predict_strategy_table` is the same table for the cached prefill and decode steps of inference (dp = cp = 1, no
+sequence parallel): the kv caches [B, K, L, d] are split by whole kv heads, so a rank's cache holds exactly the
+heads its slice of wk_v projects and its query heads read (query head j -> kv head j // n_rep); the new keys and
+values reach the cache write whole (MindSpore's ScatterNdAdd splits neither its indices nor its update rows; each
+rank keeps its heads' part); the vocab-parallel logits are gathered (`logits_fp32` replicated) for sampling.
 """
 from __future__ import annotations
 
@@ -137,6 +143,97 @@ def strategy_table(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool | N
     for i in range(cfg.n_layer):
         table.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
     return table
+
+
+# Primitives of the training graph's plain attention that the cached path does not run (it has its own, *_c).
+_TRAINING_ATTENTION = ("attention.tile_kv", "attention.qk_matmul", "attention.mul_scale", "attention.mask_mul",
+                       "attention.mask_add", "attention.softmax", "attention.pv_matmul",
+                       "attention.flash_attention.flash_attention")
+
+
+def predict_dims(dims: ParallelDims) -> ParallelDims:
+    """The degrees a predict step uses: data / model parallel and vocab_emb_dp only."""
+    return ParallelDims(dp=dims.dp, mp=dims.mp, vocab_emb_dp=dims.vocab_emb_dp)
+
+
+def predict_layer_strategies(cfg: TeleChatConfig, dims: ParallelDims,
+                             fused_norm: bool | None = None) -> dict[str, Shard]:
+    """Strategies of one decoder layer in the cached step (construct_with_cache), keyed relative to the layer.
+
+    Projections, rotary, MLP and norms are the training layer's (cp 1, no sequence parallel: the rotary tables of
+    the cache are per row, [B, 1, n, d]). The cache write and the grouped attention over the cache split the kv
+    heads by mp; query heads follow (rank r holds query heads r*N/mp.. = the n_rep groups of its kv heads).
+    """
+    dims = predict_dims(dims)
+    dp, mp = dims.dp, dims.mp
+    t = {k: v for k, v in layer_strategies(cfg, dims, fused_norm, batched_inputs=True).items()
+         if k not in _TRAINING_ATTENTION}
+    kv = (dp, mp, 1, 1)                             # caches [B, K, L, d]; q, scores, probs [B, K, n_rep*n, *]
+    t.update({
+        "attention.cache_add": Shard((kv, (1, 1, 1, 1), (1, 1, 1, 1))),
+        "attention.cache_qk": Shard((kv, kv)),
+        "attention.mul_scale_c": Shard((kv, ())),
+        "attention.mask_mul_c": Shard(((dp, 1, 1, 1, 1), ())),
+        "attention.mask_add_c": Shard(((dp, mp, 1, 1, 1), (dp, 1, 1, 1, 1))),
+        "attention.softmax_c": Shard(((dp, mp, 1, 1, 1),)),
+        "attention.cache_pv": Shard((kv, kv)),
+    })
+    if cfg.use_flash_attention:                     # Ascend prefill: the fused kernel over the repeated cache
+        t["attention.flash_attention.flash_attention"] = Shard((kv, kv, kv, (dp, 1, 1, 1)))
+        if cfg.n_rep > 1:
+            t["attention.tile_kv"] = Shard(((dp, mp, 1, 1, 1),))
+    return t
+
+
+def predict_model_strategies(cfg: TeleChatConfig, dims: ParallelDims,
+                             fused_norm: bool | None = None) -> dict[str, Shard]:
+    """Embedding, final norm, the last-token gather, the vocab-parallel lm_head and the gather of its logits."""
+    dims = predict_dims(dims)
+    dp, mp = dims.dp, dims.mp
+    t = {k: v for k, v in model_strategies(cfg, dims, fused_norm).items()
+         if k not in ("lm_head.matmul", "log_softmax", "gather_d")}
+    vocab = 1 if dims.vocab_emb_dp or cfg.vocab_size % mp else mp
+    t["gather_last"] = Shard(((dp, 1, 1), (1,)))
+    t["lm_head.matmul"] = Shard(((dp, 1), (vocab, 1)))
+    t["logits_fp32"] = Shard(((dp, 1, 1),))        # replicated: every rank gets the whole [B, 1, V]
+    return t
+
+
+def predict_strategy_table(cfg: TeleChatConfig, dims: ParallelDims,
+                           fused_norm: bool | None = None) -> dict[str, Shard]:
+    """The cached prefill / decode table: primitive path in TeleChatForCausalLM -> Shard, every layer expanded."""
+    table = predict_model_strategies(cfg, dims, fused_norm)
+    per_layer = predict_layer_strategies(cfg, dims, fused_norm)
+    for i in range(cfg.n_layer):
+        table.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+    return table
+
+
+def cache_clear_strategies(dims: ParallelDims) -> dict[str, Shard]:
+    """The stepper's slot-clearing step: cache [B, K, L, d] times keep [B, 1, L, 1], assigned back in place."""
+    kv = (dims.dp, dims.mp, 1, 1)
+    return {"keep_mul": Shard((kv, (dims.dp, 1, 1, 1))), "assign": Shard((kv, kv))}
+
+
+# Where a parameter's layout comes from: the primitive of its cell that consumes it, and which input it is.
+_CONSUMERS = {"weight": (("matmul", 1), ("norm", 1), ("mul2", 1)), "bias": (("bias_add", 1),),
+              "embedding_weight": (("gather", 0),)}
+
+
+def parameter_splits(names, table: dict[str, Shard]) -> dict[str, tuple]:
+    """Split of every parameter (e.g. 'model.layers.0.attention.wk_v.weight' -> (mp, 1)) implied by the table:
+    the strategy of the primitive that consumes it. A parameter no declared primitive consumes is an error."""
+    out = {}
+    for name in names:
+        cell, _, attr = name.rpartition(".")
+        for prim, index in _CONSUMERS.get(attr, ()):
+            shard = table.get(f"{cell}.{prim}")
+            if shard is not None:
+                out[name] = tuple(shard.inputs[index])
+                break
+        else:
+            raise KeyError(f"no strategy in the table consumes parameter {name!r}")
+    return out
 
 
 def resolve(root, path: str):
