@@ -3,8 +3,11 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The web chat's browser test drives Debian's chromium with selenium; `make test` installs it when it is missing.
+BROWSER := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean browser
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +16,13 @@ $(STAMP): setup.py
 
 setup: $(STAMP)
 
-test: $(STAMP)
+browser: $(BROWSER)
+
+$(BROWSER):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+
+test: $(STAMP) $(BROWSER)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
