@@ -13,6 +13,11 @@
 #       --load_checkpoint=/data/telechat2-115b
 #   Rank 0 writes the output (or prints the --prompt answer); the other ranks step in lockstep with it.
 #
+#   run_scripts/msrun_predict.sh CONFIG.yaml [WORKERS] serve [serve options] [--key.path=value ...]
+#
+#   serves the same job over HTTP (`telechat-ms serve --config`): rank 0 owns --host/--port (default
+#   127.0.0.1:8000) and its continuous-batching engine drives every rank in lockstep.
+#
 # 2. Data-parallel replicas without a YAML: every worker holds a full model and answers lines rank, rank+WORKERS, ...;
 #    rank 0 merges the parts into OUTPUT in input order.
 #
@@ -23,6 +28,7 @@
 # backend). DRY_RUN=1 prints the msrun command instead of running it.
 set -euo pipefail
 usage="usage: $0 CONFIG.yaml [WORKERS] (--prompt TEXT | --input IN.jsonl [--output OUT.jsonl]) [options]
+   or: $0 CONFIG.yaml [WORKERS] serve [serve options]
    or: $0 WORKERS MODEL_DIR INPUT.jsonl OUTPUT.jsonl [options]"
 [[ $# -ge 1 ]] || { echo "$usage" >&2; exit 2; }
 PYTHON=${PYTHON:-python}
@@ -50,7 +56,7 @@ except TeleChatError as exc:
     sys.exit(f"error: {exc}")' "$config" "${overrides[@]}") || {
     echo "$0: refusing to launch: cannot read $config" >&2; exit 1; }
   workers=$need
-  if [[ $# -gt 0 && $1 != -* ]]; then workers=$1; shift; fi
+  if [[ $# -gt 0 && $1 != -* && $1 != serve ]]; then workers=$1; shift; fi
   [[ $workers =~ ^[1-9][0-9]*$ ]] || { echo "$0: WORKERS '$workers' is not a positive integer; $usage" >&2; exit 2; }
   set +e
   "$PYTHON" -m telechat_ms.cli plan --config "$config" --workers "$workers" --npus-per-node "${NPUS_PER_NODE:-8}" \
@@ -62,7 +68,11 @@ except TeleChatError as exc:
   elif (( rc == 3 )); then
     echo "$0: warning: the memory estimate exceeds the limit; launching anyway" >&2
   fi
-  # rank 0 prints the answers (the other ranks only follow): only its log is shown; all are in LOG_DIR
+  # rank 0 prints the answers / serves HTTP (the other ranks only follow): only its log is shown; all are in LOG_DIR
+  if [[ $# -gt 0 && $1 == serve ]]; then
+    shift
+    run "$workers" --tail_worker_log=0 serve --config "$config" "$@"
+  fi
   run "$workers" --tail_worker_log=0 generate --config "$config" --quiet "$@"
 fi
 

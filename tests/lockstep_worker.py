@@ -1,8 +1,9 @@
-"""msrun worker of tests/test_parallel_lockstep_msrun.py: `telechat-ms generate --config` of a model-parallel
-predict YAML with the one Ascend-only piece, build_model_parallel (semi-auto context, sliced weights), replaced by a
-full replica per CPU rank: the predict configuration's ModelParallelStepper run stand-alone (its strategies are
-ignored), behind the real lockstep over msrun's Broadcast. Rank 0 leads (tokenizes, samples, writes the output),
-rank 1 follows. Every rank saves the steps it ran to TRACE_DIR/rank<r>.npz.
+"""msrun worker of tests/test_parallel_lockstep_msrun.py and tests/test_serve_config.py: `telechat-ms generate
+--config` (or `serve --config`) of a model-parallel predict YAML, with the one Ascend-only piece,
+build_model_parallel (semi-auto context, sliced weights), replaced by a full replica per CPU rank: the predict
+configuration's ModelParallelStepper run stand-alone (its strategies are ignored), behind the real lockstep over
+msrun's Broadcast. Rank 0 leads (tokenizes, samples, writes the output or serves HTTP), rank 1 follows. Every rank
+writes its pid to TRACE_DIR/rank<r>.pid and saves the steps it ran to TRACE_DIR/rank<r>.npz.
 
     msrun ... tests/lockstep_worker.py TRACE_DIR generate --config ... (the telechat-ms arguments)
 """
@@ -38,6 +39,8 @@ def main() -> int:
         from telechat_ms.model.telechat import TeleChatForCausalLM
         from telechat_ms.parallel.parallelize import parallelize_predict
         init()
+        with open(os.path.join(trace_dir, f"rank{get_rank()}.pid"), "w") as fh:   # a serve test SIGTERMs rank 0
+            fh.write(str(os.getpid()))
         model = TeleChatForCausalLM.from_pretrained(job.load_checkpoint, config=job.model_config)
         applied = parallelize_predict(model, job.parallel_config, job.source)
         stepper = Recorder(predict.ModelParallelStepper(model, job.batch_size, job.model_config.seq_length, applied,

@@ -46,7 +46,8 @@ class ShardedEmulator:
         k_local = cfg.num_key_value_heads // self.cache_split[1]
         shape = (batch, k_local, max_len, cfg.head_dim)
         self.caches = [[(np.zeros(shape), np.zeros(shape)) for _ in range(cfg.n_layer)] for _ in range(mp)]
-        self.host = SimpleNamespace(batch=batch, max_len=max_len, written=np.zeros((batch, max_len), bool))
+        self.host = SimpleNamespace(batch=batch, max_len=max_len, scratch=max_len - 1,
+                                    written=np.zeros((batch, max_len), bool))
 
     # ------------------------------------------------------------ collectives over the emulated ranks
     @staticmethod
@@ -68,7 +69,9 @@ class ShardedEmulator:
         return x_full @ w.T
 
     def _write(self, cache, update, index, rank):
-        """ScatterNdAdd on a slice split along indexed dims: indices mod slice, rows of other ranks masked."""
+        """ScatterNdAdd on a slice split along indexed dims: indices mod slice, rows of other ranks masked; the
+        updates of the scratch slot (the cache's last) zeroed first, as the model's add path does."""
+        update = update * (index[..., 2] != self.max_len - 1)[..., None]
         slice_shape = np.array(cache.shape[:3])
         coords = np.unravel_index(rank, self.cache_split)[:3]
         owner = np.all(index // slice_shape == np.array(coords), axis=-1)
@@ -143,4 +146,5 @@ class ShardedEmulator:
         else:                                                          # vocab shards, gathered for sampling
             logits = self.all_gather([self._linear(h, "lm_head.weight", r) for r in range(self.mp)], -1)
         self.host.written[np.arange(b)[:, None], slots] = True
+        self.host.written[:, self.host.scratch] = False
         return logits

@@ -87,7 +87,7 @@ def test_stepper_refuses_steps_it_cannot_write(sharded):
 
 def test_a_rewritten_slot_clears_the_rest_of_its_row_only():
     from types import SimpleNamespace
-    host = SimpleNamespace(batch=2, max_len=8, written=np.zeros((2, 8), bool))
+    host = SimpleNamespace(batch=2, max_len=8, scratch=7, written=np.zeros((2, 8), bool))
     host.written[0, :6] = host.written[1, :3] = True
     assert ModelParallelStepper.stale_keep(host, np.array([[6], [3]])) is None     # both fresh
     keep = ModelParallelStepper.stale_keep(host, np.array([[4], [3]]))

@@ -20,7 +20,7 @@ from tests.predict_emulator import ShardedEmulator  # noqa: E402
 T = 32                       # training_seqlen of the checkpoints
 PROMPTS = [list(range(40, 80)), list(range(90, 102))]  # 40 tokens (a prompt past T) and 12 (12 + 24 = 36 > T)
 STEPS = 24
-MAX_LEN = 64
+MAX_LEN = 72           # 40 + 24 slots written; the last slot is the scratch slot (never a token)
 
 
 @pytest.fixture(scope="module")

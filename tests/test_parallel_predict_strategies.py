@@ -36,6 +36,10 @@ LAYER = {
     "attention.rotary.mul_cos": (KV, (1, 1, 1, 1)), "attention.rotary.mul_sin": (KV, (1, 1, 1, 1)),
     "attention.rotary.add": (KV, KV),
     "attention.cache_add": (KV, (1, 1, 1, 1), (1, 1, 1, 1)),      # caches by whole kv heads; updates arrive whole
+    # the scratch slot's writes zeroed on the whole index and updates before the add
+    "attention.write_slot": ((1, 1, 1, 1),), "attention.not_scratch": ((1, 1, 1, 1), ()),
+    "attention.write_cast": ((1, 1, 1, 1),), "attention.write_mul_k": ((1, 1, 1, 1), (1, 1, 1, 1)),
+    "attention.write_mul_v": ((1, 1, 1, 1), (1, 1, 1, 1)),
     "attention.cache_qk": (KV, KV), "attention.mul_scale_c": (KV, ()),
     "attention.mask_mul_c": ((1, 1, 1, 1, 1), ()), "attention.mask_add_c": ((1, "mp", 1, 1, 1), (1, 1, 1, 1, 1)),
     "attention.softmax_c": ((1, "mp", 1, 1, 1),), "attention.cache_pv": (KV, KV),

@@ -222,7 +222,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     _add_generation_args(c)
     c.set_defaults(func=_chat)
 
-    g = subparsers.add_parser("generate", help="answer one prompt or a jsonl file of conversations",
+    g = subparsers.add_parser("generate", allow_abbrev=False, help="answer one prompt or a jsonl file of conversations",
                               description="Batch prediction: --input conversations.jsonl --output answers.jsonl "
                                           "(order and ids kept), or --prompt TEXT; from MODEL_DIR, or from a predict "
                                           "YAML (--config) in one process, as data-parallel replicas or model "

@@ -5,27 +5,51 @@ import argparse
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from telechat_ms.serve.server import ServeConfig, run
-    return run(ServeConfig(model_dir=args.model_dir, tokenizer=args.tokenizer, served_model_name=args.served_model_name,
-                           host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-                           max_model_len=args.max_model_len, max_queue=args.max_queue, api_key=args.api_key,
-                           use_jit=not args.no_jit, warmup=not args.no_warmup, device_target=args.device_target,
-                           cpu_threads=args.cpu_threads, batch_window_ms=args.batch_window_ms))
+    from telechat_ms.errors import ConfigError
+    from telechat_ms.serve.server import ServeConfig, run, run_job
+    cfg = ServeConfig(model_dir=args.model_dir or "", tokenizer=args.tokenizer,
+                      served_model_name=args.served_model_name, host=args.host, port=args.port,
+                      max_batch_size=args.max_batch_size or 8, max_model_len=args.max_model_len,
+                      max_queue=args.max_queue, api_key=args.api_key, use_jit=not args.no_jit,
+                      warmup=not args.no_warmup, device_target=args.device_target, cpu_threads=args.cpu_threads,
+                      batch_window_ms=args.batch_window_ms)
+    if not args.config:
+        if args.overrides:
+            raise ConfigError(f"{args.overrides[0]}: --key.path=value overrides need --config PREDICT.yaml")
+        if not args.model_dir:
+            raise ConfigError("give MODEL_DIR or --config PREDICT.yaml")
+        return run(cfg)
+    from telechat_ms.parallel.predict_job import load_predict_job
+    for given, flag, key in ((args.model_dir, "MODEL_DIR", "load_checkpoint"),
+                             (args.device_target, "--device-target", "context.device_target"),
+                             (args.max_batch_size, "--max-batch-size", "runner_config.batch_size"),
+                             (args.max_model_len, "--max-model-len", "model.model_config.seq_length")):
+        if given:
+            raise ConfigError(f"{flag} is not used with --config: the YAML's {key} says it "
+                              f"(override it with --{key}=VALUE)")
+    return run_job(load_predict_job(args.config, args.overrides), cfg)
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
     """Add serve."""
     p = subparsers.add_parser(
-        "serve", help="OpenAI-compatible HTTP server with continuous batching",
+        "serve", allow_abbrev=False, help="OpenAI-compatible HTTP server with continuous batching",
         description="Serve a TeleChat2 checkpoint: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, "
                     "/detokenize, the released /generate, /health, /metrics and the web chat at /. "
                     "Sampling defaults come from MODEL_DIR/generation_config.json.")
-    p.add_argument("model_dir", help="checkpoint directory (HF or MindSpore safetensors) with tokenizer.model")
+    p.add_argument("model_dir", nargs="?", default=None,
+                   help="checkpoint directory (HF or MindSpore safetensors) with tokenizer.model")
+    p.add_argument("--config", default=None,
+                   help="predict YAML (yaml_configs/<size>/predict_telechat2_<size>.yaml) instead of MODEL_DIR: one "
+                        "process, or model parallel under msrun (run_scripts/msrun_predict.sh ... serve), rank 0 "
+                        "serving HTTP; its kv cache is runner_config.batch_size rows x seq_length slots; "
+                        "--key.path=value overrides")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or its directory (default: MODEL_DIR)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL_DIR)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="rows of the decode batch (sequences at once)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="rows of the decode batch (sequences at once; default 8)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + answer limit in tokens; the kv cache holds this per row (default: seq_length)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 503 + Retry-After")
@@ -42,4 +66,4 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="an idle engine woken by a request waits up to this long for more, to prefill a burst in "
                         "one step (every step computes all rows); 0 admits at once (default 10)")
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_serve, overrides=[], takes_overrides=True)

@@ -84,6 +84,8 @@ class CacheStepper:
     `step` is the one interface between host-side schedulers (DecodeSession for generate(), the serving engine's
     continuous batching) and whatever runs the graph: this local stepper, or a model-parallel one under msrun
     (telechat_ms.parallel) with the same signature. Every row has its own slots, positions and total length.
+    The last slot (max_len - 1) is the scratch slot: a scheduler sends the columns that carry no token of a row
+    there (any number of them in one step); nothing ever attends it, and no real token may be written to it.
     """
 
     def __init__(self, model, batch: int, max_len: int, use_jit: bool = True):
@@ -125,8 +127,8 @@ class DecodeSession:
             raise ValueError("every prompt needs at least one token")
         longest = int(lengths.max())
         width = min(bucket(longest, MIN_PREFILL), self.max_len)
-        if longest + 1 > self.max_len:
-            raise ValueError(f"prompt of {longest} tokens does not fit a cache of {self.max_len}")
+        if longest + 2 > self.max_len:  # one slot to decode into, and the scratch slot
+            raise ValueError(f"prompt of {longest} tokens does not fit a cache of {self.max_len} slots")
         ids = np.full((self.batch, width), self.cfg.pad_token_id, np.int32)
         self.pad = longest - lengths
         for b, row in enumerate(rows):
@@ -140,8 +142,8 @@ class DecodeSession:
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Append one token per row at the next slot; logits [B, V] for the token after it."""
         slot = self.next_slot
-        if slot >= self.max_len:
-            raise ValueError(f"kv cache of {self.max_len} slots is full")
+        if slot >= self.max_len - 1:
+            raise ValueError(f"kv cache of {self.max_len} slots is full (its last slot is the scratch slot)")
         totals = self.lengths + 1
         ids = np.asarray(tokens, np.int32).reshape(self.batch, 1)
         # the new token's position = the tokens before it; its tables are those of the new total length

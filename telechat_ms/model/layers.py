@@ -91,6 +91,13 @@ class TeleChatAttention(nn.Cell):
         # ScatterNdUpdate indexes (the kv head is one of them), a ScatterNdAdd it can.
         self.cache_add = P.ScatterNdAdd()
         self.cache_write_by_add = False
+        # The cache's last slot is the scratch slot: schedulers send the columns that carry no token there (any
+        # number of them). ScatterNdAdd would sum them into it, so on that path their values are zeroed first.
+        self.write_slot = P.Split(axis=-1, output_num=3)   # (row, kv head, slot) -> the slot column
+        self.not_scratch = P.NotEqual()
+        self.write_cast = P.Cast()
+        self.write_mul_k = P.Mul()
+        self.write_mul_v = P.Mul()
         self.cache_qk = P.BatchMatMul(transpose_b=True)
         self.cache_pv = P.BatchMatMul()
         self.mul_scale_c = P.Mul()
@@ -134,13 +141,21 @@ class TeleChatAttention(nn.Cell):
 
         x [B, S, H]; cos/sin [B or 1, 1, S, d] (per-row tables: the released incremental rule and left padding);
         attn_mask uint8 [B or 1, 1, S, L] with 1 = may not attend; k_cache/v_cache Parameters [B, K, L, d];
-        cache_index int32 [B, K, S, 3] of (row, kv head, slot) for every new key.
+        cache_index int32 [B, K, S, 3] of (row, kv head, slot) for every new key; writes to the last slot (the
+        scratch slot) are never attended.
         """
         bs, seq, _ = x.shape
         q, k, v = self._project(x, cos, sin)
-        write = self.cache_add if self.cache_write_by_add else self.cache_update
-        k_cache = write(k_cache, cache_index, self.cast(k, k_cache.dtype))
-        v_cache = write(v_cache, cache_index, self.cast(v, v_cache.dtype))
+        k, v = self.cast(k, k_cache.dtype), self.cast(v, v_cache.dtype)
+        if self.cache_write_by_add:
+            slot = self.write_slot(cache_index)[2]
+            scratch = float(k_cache.shape[2] - 1)
+            keep = self.write_cast(self.not_scratch(self.cast(slot, ms.float32), scratch), k_cache.dtype)  # [B,K,n,1]
+            k_cache = self.cache_add(k_cache, cache_index, self.write_mul_k(k, keep))
+            v_cache = self.cache_add(v_cache, cache_index, self.write_mul_v(v, keep))
+        else:
+            k_cache = self.cache_update(k_cache, cache_index, k)
+            v_cache = self.cache_update(v_cache, cache_index, v)
         if self.use_flash_attention and seq > 1:  # Ascend prefill: the fused kernel over the repeated cache
             max_len = k_cache.shape[2]
             out = self.flash_attention(q, self._repeat_kv(k_cache, bs, max_len), self._repeat_kv(v_cache, bs, max_len),

@@ -107,6 +107,7 @@ class ModelParallelStepper:
             self.cell.set_jit_config(jit_config)
             self.clear.set_jit_config(jit_config)
         self.written = np.zeros((batch, max_len), bool)   # slots holding a key of an earlier step
+        self.scratch = max_len - 1   # CacheStepper's scratch slot: writes there are zeroed (layers: not_scratch)
         self.clears = 0
 
     @property
@@ -125,9 +126,9 @@ class ModelParallelStepper:
             raise ValueError(f"slots {list(slots.shape)} and ids {list(ids.shape)} differ in shape")
         if slots.min() < 0 or slots.max() >= self.max_len:
             raise ValueError(f"slots must lie in [0, {self.max_len}): the kv cache has {self.max_len} slots")
-        ordered = np.sort(slots, axis=1)
+        ordered = np.sort(np.where(slots == self.scratch, -1 - np.arange(slots.shape[1]), slots), axis=1)
         if (ordered[:, 1:] == ordered[:, :-1]).any():
-            raise ValueError("a step writes a slot of a row twice")
+            raise ValueError("a step writes a slot of a row twice (only the scratch slot may take several)")
         if not 0 <= last < ids.shape[1]:
             raise ValueError(f"last {last} is not a column of the {ids.shape[1]} new tokens")
 
@@ -135,7 +136,7 @@ class ModelParallelStepper:
         """keep [B, 1, L, 1] that clears, in every row rewriting an occupied slot, its slots from the first one
         written on; None when every slot of the step is fresh. Updates the bookkeeping."""
         rows = np.arange(self.batch)[:, None]
-        rewritten = self.written[rows, slots].any(axis=1)
+        rewritten = (self.written[rows, slots] & (slots != self.scratch)).any(axis=1)
         if not rewritten.any():
             return None
         keep = np.ones((self.batch, 1, self.max_len, 1), np.float32)
@@ -160,6 +161,7 @@ class ModelParallelStepper:
         logits = self.cell(Tensor(ids), Tensor(inp.cos), Tensor(inp.sin), Tensor(inp.mask), Tensor(inp.index),
                            Tensor(np.array([last], np.int32)))
         self.written[np.arange(self.batch)[:, None], slots] = True
+        self.written[:, self.scratch] = False   # its writes are zeroed in the graph: it never holds a key
         return logits.asnumpy()[:, 0]
 
     def example_inputs(self, n: int = 1) -> tuple:

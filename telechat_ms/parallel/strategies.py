@@ -171,6 +171,12 @@ def predict_layer_strategies(cfg: TeleChatConfig, dims: ParallelDims,
     kv = (dp, mp, 1, 1)                             # caches [B, K, L, d]; q, scores, probs [B, K, n_rep*n, *]
     t.update({
         "attention.cache_add": Shard((kv, (1, 1, 1, 1), (1, 1, 1, 1))),
+        # scratch-slot writes zeroed before the add (the index and the updates reach the write whole)
+        "attention.write_slot": Shard(((1, 1, 1, 1),)),
+        "attention.not_scratch": Shard(((1, 1, 1, 1), ())),
+        "attention.write_cast": Shard(((1, 1, 1, 1),)),
+        "attention.write_mul_k": Shard(((1, 1, 1, 1), (1, 1, 1, 1))),
+        "attention.write_mul_v": Shard(((1, 1, 1, 1), (1, 1, 1, 1))),
         "attention.cache_qk": Shard((kv, kv)),
         "attention.mul_scale_c": Shard((kv, ())),
         "attention.mask_mul_c": Shard(((dp, 1, 1, 1, 1), ())),

@@ -62,7 +62,7 @@ class Engine:
     def __init__(self, stepper_factory: StepperFactory, tokenizer, vocab_size: int, max_model_len: int,
                  max_batch_size: int = 8, max_queue: int = 64, scorer: Scorer | None = None,
                  metrics: ServeMetrics | None = None, pad_token_id: int = PAD_ID, warmup: bool = True,
-                 batch_window: float = 0.0):
+                 batch_window: float = 0.0, on_idle: Callable[[], None] | None = None, idle_interval: float = 60.0):
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
         if max_batch_size < 1:
@@ -73,6 +73,8 @@ class Engine:
         self.scratch = self.max_model_len         # the slot nobody attends
         self.scorer, self.pad_token_id, self.warmup_on_start = scorer, pad_token_id, warmup
         self.batch_window = max(0.0, float(batch_window))   # seconds an idle engine gathers a burst of requests
+        # called every idle_interval seconds while nothing runs (a model-parallel leader keeps its followers alive)
+        self.on_idle, self.idle_interval = on_idle, float(idle_interval)
         self.metrics = metrics or ServeMetrics(self.batch)
         self.rows: list[Sequence | None] = [None] * self.batch
         self.waiting: deque[Sequence] = deque()
@@ -222,8 +224,15 @@ class Engine:
         An idle engine woken by a request waits up to batch_window seconds for the rest of a burst, so the burst
         is prefilled in one step (every step computes all rows, so each extra prefill step costs a full one)."""
         try:
-            item = self.inbox.get() if block else self.inbox.get_nowait()
+            if not block:
+                item = self.inbox.get_nowait()
+            elif self.on_idle is None:
+                item = self.inbox.get()
+            else:
+                item = self.inbox.get(timeout=self.idle_interval)
         except queue.Empty:
+            if block and self.on_idle is not None:
+                self.on_idle()
             return True
         deadline = time.perf_counter() + self.batch_window if block else 0.0
         while True:

@@ -144,22 +144,112 @@ class ServerThread:
             self.state.engine.shutdown()
 
 
-def run(cfg: ServeConfig) -> int:
-    """`telechat-ms serve`: serve until interrupted."""
+def _quiet_exit_server(config):
+    """uvicorn's Server shutting down gracefully on SIGINT / SIGTERM without re-raising the signal afterwards (it
+    does, and MindSpore's runtime turns that into a kill): Ctrl-C ends `telechat-ms serve` with exit code 0, and a
+    model-parallel rank 0 gets to release its followers."""
+    import contextlib
+    import signal
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+    return Server(config)
+
+
+def _serve_forever(state: ServeState, sock: socket.socket, cfg: ServeConfig) -> int:
+    """Serve `state` on a bound socket until interrupted (SIGINT / SIGTERM), then stop the engine."""
     import uvicorn
     from telechat_ms.serve.app import create_app
-    sock = _bind(cfg.host, cfg.port)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"telechat-ms serve: loading {cfg.model_dir} ...", file=sys.stderr, flush=True)
-    state = build_state(cfg)
     e = state.engine
     print(f"telechat-ms serve: {state.model_name!r} on http://{cfg.host}:{sock.getsockname()[1]} "
           f"(batch {e.batch} rows x {e.max_model_len} tokens, queue {e.max_queue}"
           f"{', API key required' if cfg.api_key else ''})", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="info", lifespan="off"))
+    server = _quiet_exit_server(uvicorn.Config(create_app(state), log_level="info", lifespan="off"))
     try:
         asyncio.run(server.serve(sockets=[sock]))
     finally:
         e.shutdown()
         sock.close()
     return 0
+
+
+def run(cfg: ServeConfig) -> int:
+    """`telechat-ms serve MODEL_DIR`: serve until interrupted."""
+    sock = _bind(cfg.host, cfg.port)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"telechat-ms serve: loading {cfg.model_dir} ...", file=sys.stderr, flush=True)
+    return _serve_forever(build_state(cfg), sock, cfg)
+
+
+def fixed_stepper_factory(stepper) -> StepperFactory:
+    """An engine factory handing out one stepper built beforehand (a predict job's kv cache): the engine must ask
+    for exactly its rows and slots."""
+    def make(batch: int, cache_len: int):
+        if (batch, cache_len) != (stepper.batch, stepper.max_len):
+            raise ConfigError(f"the engine asked for {batch} rows x {cache_len} slots; the job's kv cache is "
+                              f"{stepper.batch} x {stepper.max_len} (runner_config.batch_size x seq_length)")
+        return stepper
+    return make
+
+
+def job_state(job, cfg: ServeConfig, model, stepper, scorer: Scorer | None,
+              on_idle=None) -> ServeState:
+    """Engine + state over a predict job's stepper: its rows are runner_config.batch_size, its kv cache
+    model.model_config.seq_length slots (the last one the scratch slot), so a request's prompt + answer may take
+    seq_length - 1 tokens."""
+    from telechat_ms.data.tokenizer import TeleChatTokenizer
+    tokenizer = TeleChatTokenizer.from_pretrained(cfg.tokenizer or job.load_checkpoint)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"{tokenizer.model_file}: {tokenizer.vocab_size} pieces, but the model's vocab_size is "
+                          f"{model.config.vocab_size}")
+    engine = Engine(fixed_stepper_factory(stepper), tokenizer, tokenizer.vocab_size, stepper.max_len - 1,
+                    max_batch_size=stepper.batch, max_queue=cfg.max_queue, scorer=scorer,
+                    pad_token_id=model.config.pad_token_id, warmup=cfg.warmup,
+                    batch_window=cfg.batch_window_ms / 1000.0, on_idle=on_idle)
+    engine.start()
+    return ServeState(engine, tokenizer, cfg.served_model_name or job.load_checkpoint,
+                      GenerationConfig.from_pretrained(job.load_checkpoint), job.load_checkpoint, cfg.api_key)
+
+
+def run_job(job, cfg: ServeConfig) -> int:
+    """`telechat-ms serve --config PREDICT.yaml`: one process, or model parallel under msrun, where rank 0 owns the
+    HTTP port and its engine drives every rank in lockstep (the others replay its steps; while idle it keeps them
+    alive). Prompt log-probs need the full forward, which the model-parallel build does not compile: there
+    /v1/completions with echo + logprobs answers 400."""
+    from telechat_ms.backend import use_log_dir
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    use_log_dir(job.output_dir)
+    if job.parallel.parallel_mode == "data_parallel":
+        raise ConfigError(f"{job.source}: parallel.parallel_mode data_parallel: serve one replica per device "
+                          "(one stand_alone serve each, behind a load balancer); one server cannot own several")
+    if job.model_parallel:
+        from telechat_ms.parallel.predict import build_model_parallel, run_lockstep
+        session = build_model_parallel(job, use_jit=cfg.use_jit)
+
+        def work(model, leader) -> int:
+            sock = _bind(cfg.host, cfg.port)
+            return _serve_forever(job_state(job, cfg, model, leader, None, on_idle=leader.keepalive), sock, cfg)
+        result = run_lockstep(session, work)
+        return 0 if result is None else result
+    from telechat_ms.infer.kv_cache import CacheStepper
+    from telechat_ms.model.telechat import TeleChatForCausalLM
+    from telechat_ms.parallel.context import setup_context
+    sock = _bind(cfg.host, cfg.port)
+    run_ctx = setup_context(job.context, job.parallel, job.parallel_config, job.source, job.output_dir)
+    set_runtime(None, cfg.cpu_threads)
+    print(f"telechat-ms serve: loading {job.load_checkpoint} ({job.source}) ...", file=sys.stderr, flush=True)
+    model = TeleChatForCausalLM.from_pretrained(job.load_checkpoint, config=job.model_config)
+    stepper = CacheStepper(model, job.batch_size, job.model_config.seq_length, use_jit=cfg.use_jit)
+    stepper.cell.set_jit_config(run_ctx.jit_config())
+    return _serve_forever(job_state(job, cfg, model, stepper, full_forward_scorer(model)), sock, cfg)
