@@ -2,8 +2,9 @@
 rejected with a message naming them (sink_mode, fine_grain_interleave), never accepted and ignored.
 
 Reads are recorded on the typed sections (and on TeleChatConfig for model.model_config) while the consumers run:
-plan, the context / parallel settings, parallelize on a stand-in model of the same head / layer structure, and one
-real training run on CPU (the trainer reads the same fields whatever the YAML's values)."""
+plan, the context / parallel settings, parallelize on a stand-in model of the same head / layer structure, one real
+training run on CPU (the trainer reads the same fields whatever the YAML's values) for training YAMLs, and the
+predict job generate / serve --config run from for predict YAMLs."""
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,7 @@ from telechat_ms.errors import ConfigError
 from telechat_ms.job_config import JobConfig, job_from_dict, load_job_config
 from tests.conftest import REPO
 
-YAMLS = sorted(p for p in glob.glob(os.path.join(REPO, "yaml_configs", "*", "*.yaml")) if "predict_" not in p)
+YAMLS = sorted(glob.glob(os.path.join(REPO, "yaml_configs", "*", "*.yaml")))
 SECTIONS = sorted({c for c in vars(jc).values() if dataclasses.is_dataclass(c) and isinstance(c, type)} | {TeleChatConfig},
                   key=lambda c: c.__name__)
 
@@ -81,12 +82,21 @@ def stand_in(job):
 
 
 def consume(job) -> None:
-    """The consumers CPU can run for any job: plan, the context settings, parallelize (training layouts)."""
+    """The consumers CPU can run for any job: plan, the context settings, parallelize (training layouts), and for a
+    predict job what `generate --config` / `serve --config` read (its PredictJob, the predict strategies)."""
     from telechat_ms.parallel.context import context_settings
-    from telechat_ms.parallel.parallelize import parallelize
+    from telechat_ms.parallel.parallelize import parallelize, parallelize_predict
     from telechat_ms.parallel.plan import make_plan
+    from telechat_ms.parallel.predict_job import predict_job
     make_plan(job)
     world = 1 if job.parallel.parallel_mode == "stand_alone" else job.parallel_config.world_size
+    if job.run_mode == "predict":
+        pj = predict_job(job)
+        context_settings(pj.context, pj.parallel, pj.parallel_config, pj.source, pj.output_dir, world=world)
+        model = stand_in(job)                                   # generate / serve --config build the model
+        if pj.model_parallel:
+            parallelize_predict(model, pj.parallel_config, pj.source)
+        return
     context_settings(job.context, job.parallel, job.parallel_config, job.source, job.output_dir, world=world)
     if job.parallel.parallel_mode in ("semi_auto_parallel", "auto_parallel"):
         model = stand_in(job)
@@ -117,7 +127,8 @@ def test_every_key_of_the_shipped_yaml_is_read(path, trainer_reads):
     job = load_job_config(path)
     with recording() as reads:
         consume(job)
-    reads |= trainer_reads
+    if job.run_mode != "predict":
+        reads |= trainer_reads
     with open(path, encoding="utf-8") as fh:
         keys = leaf_keys(yaml.safe_load(fh))
     unread = [k for k in keys if owner(k) not in reads]

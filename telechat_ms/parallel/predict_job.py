@@ -133,7 +133,12 @@ def load_predict_job(path: str, overrides: list[str] | None = None) -> PredictJo
     if errors:
         raise ConfigError("; ".join(errors))
     check_predict_values(job, _given_keys(data))
-    cfg = job.model_config()
-    return PredictJob(source=path, load_checkpoint=job.load_checkpoint, seed=job.seed,
+    return predict_job(job)
+
+
+def predict_job(job: JobConfig) -> PredictJob:
+    """The typed sections a predict run reads, from a checked job (load_predict_job checks it)."""
+    return PredictJob(source=job.source, load_checkpoint=job.load_checkpoint, seed=job.seed,
                       output_dir=os.path.abspath(job.output_dir), context=job.context, parallel=job.parallel,
-                      parallel_config=job.parallel_config, model_config=cfg, batch_size=job.runner_config.batch_size)
+                      parallel_config=job.parallel_config, model_config=job.model_config(),
+                      batch_size=job.runner_config.batch_size)
