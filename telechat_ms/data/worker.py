@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -141,18 +142,23 @@ def run_part(cfg: WorkerConfig, part: Part, quota: PartQuota,
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        writer = ShardWriter(tmp, shard_prefix(part.id), opts.max_seq_len, not opts.cross_attention,
-                             cfg.records_per_shard)
         stats = PackStats(examples_in=len(order))
+        tokens_in = int(sum(len(items[i]) for i in order))
         if cfg.task == "pretrain":
             rows = chunk_documents(items, order, opts.max_seq_len, not opts.cross_attention)
+            n_rows = -(-tokens_in // opts.max_seq_len)
         else:
             np.random.default_rng([cfg.seed, 2, part.id]).shuffle(order)  # mix the records before packing
             plans, stats = plan_sequences(items, order, opts)
             rows = (materialize_compact(plan, items, opts) for plan in plans)
+            n_rows = len(plans)
+        writer = ShardWriter(tmp, shard_prefix(part.id), opts.max_seq_len, not opts.cross_attention,
+                             cfg.records_per_shard, n_rows, min(tokens_in, n_rows * opts.max_seq_len))
         counts = {"sequences": 0, "tokens": 0, "supervised_tokens": 0, "partial_rows": 0, "max_samples_per_row": 0}
         for row in rows:
             writer.write(row)
+            if counts["sequences"] == 0 and os.environ.get("TELECHAT_MS_FAULT") == f"kill_in_part:{part.id}":
+                os.killpg(os.getpgrp(), signal.SIGKILL)  # fault injection for the resume test: kill -9 the run
             counts["sequences"] += 1
             counts["tokens"] += row.n_tokens
             counts["supervised_tokens"] += row.n_supervised
@@ -165,7 +171,7 @@ def run_part(cfg: WorkerConfig, part: Part, quota: PartQuota,
             "records_selected": len(order), "truncated": stats.truncated,
             "dropped_overlong": stats.dropped_overlong, "dropped_no_target": stats.dropped_no_target,
             "packed_records": stats.packed_examples if cfg.task != "pretrain" else 0,
-            "tokens_in": int(sum(len(items[i]) for i in order)), "tokens_out": counts["tokens"],
+            "tokens_in": tokens_in, "tokens_out": counts["tokens"],
             **counts, "shards": shards, "first_errors": errors[:FIRST_ERRORS],
         }
         if errors:
