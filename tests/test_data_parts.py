@@ -141,18 +141,22 @@ def test_pretrain_conserves_every_token_in_order(tmp_path, demo_tok, demo_tok_di
     rows = read_mindrecord(str(tmp_path / "out"), pad=False)
     stream = np.concatenate(rows["input_ids"])
     assert np.array_equal(stream, np.concatenate(docs))  # every token, one <_end> per document, in order
-    assert all(np.array_equal(i, lab) for i, lab in zip(rows["input_ids"], rows["labels"]))
+    ids, labels = np.concatenate(rows["input_ids"]), np.concatenate(rows["labels"])
     parts = [s["part"] for s in m["shards"] for _ in range(s["records"])]
     short = [p for p, r in zip(parts, rows["input_ids"]) if len(r) < max_len]
     assert len(short) == len(set(short)) and m["counts"]["parts"] > 3  # at most one partial row per part
-    assert summary["tokens_in"] == summary["tokens_out"] == sum(map(len, docs)) == summary["supervised_tokens"]
+    assert summary["tokens_in"] == summary["tokens_out"] == sum(map(len, docs))
     assert summary["truncated"] == 0 and summary["records_selected"] == 120
-    if isolated:  # each document's piece of a row restarts at 0
+    if not isolated:
+        assert np.array_equal(ids, labels) and summary["supervised_tokens"] == summary["tokens"]
+    else:  # each document's piece of a row restarts at 0, and its first token is predicted by nothing before it
         starts = np.cumsum([0] + [len(d) for d in docs])[:-1]
         row_starts = np.cumsum([0] + [len(r) for r in rows["input_ids"]])[:-1]
         want_zero = np.union1d(starts, row_starts)
         got_zero = np.flatnonzero(np.concatenate(rows["position_ids"]) == 0)
         assert np.array_equal(got_zero, want_zero)
+        assert (labels[want_zero] == -100).all() and (np.delete(labels, want_zero) == np.delete(ids, want_zero)).all()
+        assert summary["supervised_tokens"] == summary["tokens"] - len(want_zero)
 
 
 def test_bad_lines_keep_file_line_across_parts(tmp_path, demo_tok_dir):

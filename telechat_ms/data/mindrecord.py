@@ -26,10 +26,17 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
-def _sizes(max_seq_len: int, n_columns: int, file_bytes: int) -> tuple[int, int]:
-    """Page and header sizes for one file of about `file_bytes` (MindRecord pads the header and the last page to
-    their full size, and its 32 MB page / 16 MB header defaults would dwarf a small file). A page holds a few of
-    the longest rows, up to 1 MB, but is never much bigger than the file."""
+def columns_for(with_positions: bool) -> list[str]:
+    """Column names of process-data rows."""
+    return ["input_ids", "labels"] + (["position_ids"] if with_positions else [])
+
+
+def shard_sizes(max_seq_len: int, with_positions: bool, file_bytes: int) -> tuple[int, int]:
+    """Page and header sizes for files of at most about `file_bytes`. MindDataset reads a set of files only if they
+    all share them, so a job uses one pair; MindRecord pads the header and the last page to their full size, and
+    its 32 MB page / 16 MB header defaults would dwarf small files. A page holds a few of the longest rows, up to
+    1 MB, but is never much bigger than a file."""
+    n_columns = len(columns_for(with_positions))
     max_row = max_seq_len * 4 * n_columns + 1024
     page = max(_pow2_at_least(max_row), min(max(_pow2_at_least(4 * max_row), 1 << 20), _pow2_at_least(file_bytes)))
     page = min(max(page, 1 << 15), 1 << 28)
@@ -38,24 +45,18 @@ def _sizes(max_seq_len: int, n_columns: int, file_bytes: int) -> tuple[int, int]
     return page, header
 
 
-def columns_for(with_positions: bool) -> list[str]:
-    """Column names of process-data rows."""
-    return ["input_ids", "labels"] + (["position_ids"] if with_positions else [])
-
-
 class ShardWriter:
-    """Writes compact rows into `{prefix}_{k:03d}.mindrecord` files of at most records_per_shard rows each; the
-    expected rows and tokens (known before writing) size the files' pages."""
+    """Writes compact rows into `{prefix}_{k:03d}.mindrecord` files of at most records_per_shard rows each, with the
+    job's page and header sizes (`shard_sizes`)."""
 
-    def __init__(self, directory: str, prefix: str, max_seq_len: int, with_positions: bool,
-                 records_per_shard: int, expected_rows: int = 0, expected_tokens: int = 0):
+    def __init__(self, directory: str, prefix: str, with_positions: bool, records_per_shard: int,
+                 sizes: tuple[int, int]):
         from mindspore.mindrecord import FileWriter  # slow import, only in the processes that write
         self._file_writer = FileWriter
         self.directory, self.prefix = directory, prefix
         self.columns = columns_for(with_positions)
         self.schema = {name: {"type": "int32", "shape": [-1]} for name in self.columns}
-        self.max_seq_len = max_seq_len
-        self.expected_rows, self.expected_tokens = expected_rows, expected_tokens
+        self.page, self.header = sizes
         self.records_per_shard = records_per_shard
         self.shards: list[dict[str, Any]] = []
         self._writer = None
@@ -89,14 +90,9 @@ class ShardWriter:
             if self._writer is not None:
                 self._commit()
             name = f"{self.prefix}_{len(self.shards):03d}.mindrecord"
-            written = sum(s["records"] for s in self.shards)
-            rows = max(1, min(self.records_per_shard, self.expected_rows - written))
-            per_row = self.expected_tokens / self.expected_rows if self.expected_rows else self.max_seq_len
-            page, header = _sizes(self.max_seq_len, len(self.columns), int(rows * (per_row * 4 * len(self.columns)
-                                                                                  + 64)))
             self._writer = self._file_writer(os.path.join(self.directory, name), shard_num=1, overwrite=False)
-            self._writer.set_page_size(page)
-            self._writer.set_header_size(header)
+            self._writer.set_page_size(self.page)
+            self._writer.set_header_size(self.header)
             self._writer.add_schema(self.schema, SCHEMA_DESC)
             self.shards.append({"name": name, "records": 0})
         record = {"input_ids": row.input_ids.astype(np.int32, copy=False),

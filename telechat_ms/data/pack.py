@@ -232,7 +232,8 @@ def materialize_compact(plan: Sequence[int], items: Sequence[Encoded], opts: Pac
     if not opts.cross_attention:
         lengths[-1] -= sum(lengths) - n  # truncation shortens the last sample only
         positions = np.concatenate([np.arange(k, dtype=np.int32) for k in lengths if k > 0])
-    return PackedRow(ids, labels, positions, n, int(mask.sum()), len(plan))
+        labels[positions == 0] = st.IGNORE_INDEX  # (already so: a chat starts with its unsupervised <_system>)
+    return PackedRow(ids, labels, positions, n, int((labels != st.IGNORE_INDEX).sum()), len(plan))
 
 
 def pad_row(input_ids: np.ndarray, labels: np.ndarray, position_ids: np.ndarray | None, length: int,
@@ -265,8 +266,9 @@ def materialize(plan: Sequence[int], items: Sequence[Encoded], opts: PackOptions
 def chunk_documents(items: Sequence[Encoded], order: Sequence[int], max_seq_len: int,
                     with_positions: bool) -> Iterator[PackedRow]:
     """Pretrain rows: the documents (each already ending in <_end>) concatenated in `order` and cut into rows of
-    max_seq_len; only the last row may be shorter. Every token is supervised. With positions, each document's
-    piece in a row restarts at 0 (a document continued from the previous row starts a new segment)."""
+    max_seq_len; only the last row may be shorter. Every token is supervised, except, with positions, the first
+    token of each segment: there each document's piece in a row restarts at 0 (a document continued from the
+    previous row starts a new segment) and, isolated, nothing before it in the row may predict it."""
     if not order:
         return
     lengths = np.fromiter((len(items[i]) for i in order), dtype=np.int64, count=len(order))
@@ -278,10 +280,11 @@ def chunk_documents(items: Sequence[Encoded], order: Sequence[int], max_seq_len:
         ids = stream[lo:hi]
         cuts = starts[(starts > lo) & (starts < hi)] - lo
         bounds = np.concatenate([[0], cuts, [hi - lo]])
-        positions = None
+        positions, labels = None, ids.copy()
         if with_positions:
             positions = np.concatenate([np.arange(b - a, dtype=np.int32) for a, b in zip(bounds[:-1], bounds[1:])])
-        yield PackedRow(ids, ids.copy(), positions, hi - lo, hi - lo, len(bounds) - 1)
+            labels[bounds[:-1]] = st.IGNORE_INDEX
+        yield PackedRow(ids, labels, positions, hi - lo, int((labels != st.IGNORE_INDEX).sum()), len(bounds) - 1)
 
 
 def sample_boundaries(position_ids: np.ndarray) -> np.ndarray:

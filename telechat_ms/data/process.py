@@ -19,6 +19,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from telechat_ms.data.formats import TASKS
+from telechat_ms.data.mindrecord import shard_sizes
 from telechat_ms.data.mix import load_mix
 from telechat_ms.data.pack import OVERLONG, PAD_SIDES, PackOptions
 from telechat_ms.data.parts import DEFAULT_PART_MB, Part, plan_parts
@@ -89,6 +90,16 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     if sys.platform.startswith("linux") and "mindspore" not in sys.modules:
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
+
+
+def _file_bytes(opts: ProcessOptions, plan) -> int:
+    """An upper bound of one output file's bytes, from the pre-pass alone (it sizes every file's pages): at most
+    one token per input byte plus a default system prompt per record, each record used up to ceil(w) times, 4 bytes
+    per column, capped by records_per_shard full rows."""
+    columns = 2 if opts.cross_attention else 3
+    per_part = max((p.end - p.start + 64 * p.records) * (q.whole + (q.extra > 0)) for p, q in
+                   zip(plan.parts, plan.quotas))
+    return int(min(per_part, opts.records_per_shard * opts.max_seq_len) * 4 * columns)
 
 
 def _job(opts: ProcessOptions, tokenizer: TeleChatTokenizer, mix, plan) -> dict[str, Any]:
@@ -200,7 +211,8 @@ def process_data(opts: ProcessOptions, log: Callable[[str], None] | None = None,
         pack = PackOptions(opts.max_seq_len, opts.overlong, opts.pad_side, opts.cross_attention, opts.pack,
                            tuple(tokenizer.encode_plain("\n")))
         cfg = WorkerConfig(tokenizer, [e.path for e in mix], os.path.join(staging, "parts"), plan.fingerprint,
-                           opts.task, opts.loss_mask, opts.on_error, opts.seed, pack, opts.records_per_shard)
+                           opts.task, opts.loss_mask, opts.on_error, opts.seed, pack, opts.records_per_shard,
+                           shard_sizes(opts.max_seq_len, not opts.cross_attention, _file_bytes(opts, plan)))
         todo = [(plan.parts[i], plan.quotas[i]) for i in mine if i not in skip]
         todo.sort(key=lambda t: -(t[0].end - t[0].start))  # biggest first: workers finish together
         errors = {"shown": 0, "total": 0}

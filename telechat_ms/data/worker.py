@@ -48,6 +48,7 @@ class WorkerConfig:
     seed: int
     pack: PackOptions
     records_per_shard: int
+    shard_sizes: tuple[int, int]  # MindRecord page and header sizes, one pair for the whole job
 
 
 def part_dir_name(part_id: int) -> str:
@@ -146,14 +147,12 @@ def run_part(cfg: WorkerConfig, part: Part, quota: PartQuota,
         tokens_in = int(sum(len(items[i]) for i in order))
         if cfg.task == "pretrain":
             rows = chunk_documents(items, order, opts.max_seq_len, not opts.cross_attention)
-            n_rows = -(-tokens_in // opts.max_seq_len)
         else:
             np.random.default_rng([cfg.seed, 2, part.id]).shuffle(order)  # mix the records before packing
             plans, stats = plan_sequences(items, order, opts)
             rows = (materialize_compact(plan, items, opts) for plan in plans)
-            n_rows = len(plans)
-        writer = ShardWriter(tmp, shard_prefix(part.id), opts.max_seq_len, not opts.cross_attention,
-                             cfg.records_per_shard, n_rows, min(tokens_in, n_rows * opts.max_seq_len))
+        writer = ShardWriter(tmp, shard_prefix(part.id), not opts.cross_attention, cfg.records_per_shard,
+                             cfg.shard_sizes)
         counts = {"sequences": 0, "tokens": 0, "supervised_tokens": 0, "partial_rows": 0, "max_samples_per_row": 0}
         for row in rows:
             writer.write(row)

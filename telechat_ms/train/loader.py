@@ -49,7 +49,8 @@ class BatchLoader:
         length, self.pad_side = row_layout(data_dir)
         self.seq_length = length or int(first["input_ids"].shape[-1])  # bare fixed-length shards: their length
         # samples per row (+1 for the pads' own segment): the fixed size of flash attention's actual_seq_len
-        self.max_segments = int(self.manifest.get("counts", {}).get("max_samples_per_row", 0)) + 1
+        most = self.manifest.get("counts", {}).get("max_samples_per_row")
+        self.max_segments = int(most) + 1 if most else None
         self.micro = batch_size
         self.accumulation = accumulation
         self.rank, self.world = rank, world_size
