@@ -104,6 +104,20 @@ def test_shards_identical_for_1_2_3_workers_and_a_2_node_split(split_runs):
     assert not any(p.name.startswith(".") for p in tmp.iterdir())  # no staging area left behind
 
 
+def test_finalize_command_after_a_crashed_final_step(split_runs, tmp_path, demo_tok_dir, capsys):
+    tmp, _, _ = split_runs
+    common = dict(max_seq_len=256, part_size_mb=0.02, records_per_shard=8, cross_attention=False, num_nodes=2)
+    out = tmp_path / "nodes"
+    run(DEMO / "demo_mix.json", demo_tok_dir, out, node_rank=1, **common)
+    (tmp_path / ".nodes.incomplete" / "finalize.lock").touch()  # a final step that crashed holding its lock
+    last = run(DEMO / "demo_mix.json", demo_tok_dir, out, node_rank=0, **common)
+    assert last["finalized"] is False and last["parts_finished"] == last["parts_total"] and not out.exists()
+    assert cli_main(["process-data", "--finalize", str(out)]) == 0
+    assert "slot fill" in capsys.readouterr().out
+    assert digests(out) == digests(tmp / "w1")
+    assert cli_main(["process-data", "--finalize", str(out)]) == 2  # nothing left to finalize: a clear error
+
+
 def test_compact_rows_and_weights_from_the_prepass(split_runs):
     tmp, summaries, _ = split_runs
     m = manifest(tmp / "w1")

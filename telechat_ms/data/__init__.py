@@ -18,7 +18,8 @@ __all__ = [
     "DEFAULT_SYSTEM_PROMPT", "IGNORE_INDEX", "SPECIAL_TOKENS", "SPECIAL_TOKEN_IDS",
     "Encoded", "Example", "MixEntry", "PackOptions", "ProcessOptions", "TeleChatTokenizer",
     "apply_chat_template", "chunk_documents", "encode_example", "iter_mindrecord", "list_shards", "load_mix",
-    "loss_mask", "materialize", "materialize_compact", "pad_row", "parse_line", "parse_record", "plan_sequences", "process_data",
+    "loss_mask", "materialize", "materialize_compact", "pad_row", "parse_line", "parse_record", "plan_sequences",
+    "process_data",
     "read_mindrecord", "render_system", "render_tool_call", "render_training_text", "sample_boundaries",
     "select_indices",
 ]

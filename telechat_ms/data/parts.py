@@ -99,7 +99,8 @@ def plan_parts(mix: Sequence[MixEntry], part_mb: float, limit: int | None, seed:
         parts.extend(file_parts)
         per_file.append(n)
         quotas.extend(part_quotas([p.records for p in file_parts], entry.weight, seed, entry.key))
-    ident = {"settings": settings, "seed": seed, "part_bytes": part_bytes, "inputs": [_input_identity(e.path) for e in mix],
+    ident = {"settings": settings, "seed": seed, "part_bytes": part_bytes,
+             "inputs": [_input_identity(e.path) for e in mix],
              "mix": [[e.key, e.weight] for e in mix], "parts": [asdict(p) for p in parts],
              "quotas": [[q.whole, q.extra] for q in quotas]}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
