@@ -1,6 +1,6 @@
 """process-data at corpus scale: throughput per worker vs raw SentencePiece, 2-worker scaling, memory from N to 10N.
 
-    python benchmarks/data_bench.py [--records 1800] [--max-seq-len 8192] [--part-size-mb 1]
+    python benchmarks/data_bench.py [--records 1800] [--max-seq-len 8192] [--part-size-mb 2]
 
 Every figure comes from this one run, each process-data run in a fresh interpreter as the CLI runs it:
 - end-to-end tokens/s per worker (pre-pass, parse, render, tokenize, pack, MindRecord, manifest; wall clock of the
@@ -104,7 +104,7 @@ def verdict(ok: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1800, help="N: the small corpus; the big one is 10N")
-    parser.add_argument("--part-size-mb", type=float, default=1.0, help="part size of every run")
+    parser.add_argument("--part-size-mb", type=float, default=2.0, help="part size of every run")
     parser.add_argument("--max-seq-len", type=int, default=8192)
     args = parser.parse_args()
     load_before = os.getloadavg()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue as queue_module
 import shutil
 import sys
 import time
@@ -143,38 +144,44 @@ class _Bar:
         self.bar.close()
 
 
-def _run_parts(cfg: WorkerConfig, todo: list[tuple[Part, Any]], workers: int, bar: _Bar,
-               on_summary: Callable[[dict], None]) -> int:
+def _run_parts(cfg: WorkerConfig, todo: list[tuple[Part, Any]], workers: int, make_bar: Callable[[], _Bar],
+               on_summary: Callable[[_Bar, dict], None]) -> int:
     """Process the parts (in this process for one worker, else in a pool); returns the workers' peak RSS (kB)."""
     peak = 0
     if workers == 1 or len(todo) <= 1:
-        for part, quota in todo:
-            summary, _ = run_part(cfg, part, quota, bar.update)
-            on_summary(summary)
+        bar = make_bar()
+        try:
+            for part, quota in todo:
+                summary, _ = run_part(cfg, part, quota, bar.update)
+                on_summary(bar, summary)
+        finally:
+            bar.close()
         return peak_rss_kb()
     ctx = _mp_context()
     queue = ctx.Queue()
     pool = ctx.Pool(min(workers, len(todo)), initializer=init_worker, initargs=(cfg, queue))
+    bar = make_bar()  # after the fork: tqdm's monitor thread must not exist when the workers start
     try:
         pending = [pool.apply_async(run_part_in_pool, task) for task in todo]
         while pending:
             try:
                 while True:
                     bar.update(*queue.get(timeout=0.1))
-            except Exception:  # queue.Empty: nothing reported in the last 0.1 s
+            except queue_module.Empty:  # nothing reported in the last 0.1 s
                 pass
             still = []
             for result in pending:
                 if result.ready():
                     summary, hwm = result.get()  # re-raises a worker's DataError here
                     peak = max(peak, hwm)
-                    on_summary(summary)
+                    on_summary(bar, summary)
                 else:
                     still.append(result)
             pending = still
         while not queue.empty():
             bar.update(*queue.get())
     finally:
+        bar.close()
         pool.terminate()
         pool.join()
     return peak
@@ -217,7 +224,7 @@ def process_data(opts: ProcessOptions, log: Callable[[str], None] | None = None,
         todo.sort(key=lambda t: -(t[0].end - t[0].start))  # biggest first: workers finish together
         errors = {"shown": 0, "total": 0}
 
-        def on_summary(summary: dict) -> None:
+        def on_summary(bar: _Bar, summary: dict) -> None:
             bar.part_done()
             errors["total"] += summary["records_skipped"]
             for message in summary["first_errors"]:
@@ -225,11 +232,9 @@ def process_data(opts: ProcessOptions, log: Callable[[str], None] | None = None,
                     log(f"skipped {message}")
                     errors["shown"] += 1
 
-        bar = _Bar(sum(p.end - p.start for p, _ in todo), len(todo), opts.progress)
-        try:
-            worker_peak = _run_parts(cfg, todo, opts.num_workers, bar, on_summary)
-        finally:
-            bar.close()
+        total_bytes = sum(p.end - p.start for p, _ in todo)
+        worker_peak = _run_parts(cfg, todo, opts.num_workers, lambda: _Bar(total_bytes, len(todo), opts.progress),
+                                 on_summary)
         if errors["total"] > errors["shown"]:
             log(f"... and {errors['total'] - errors['shown']} more bad lines skipped (all of them are listed in "
                 f"{SKIPPED_FILE})")

@@ -51,12 +51,15 @@ def loss_mask(ids: np.ndarray, mode: str = "released") -> np.ndarray:
     if mode not in LOSS_MASKS:
         raise ValueError(f"unknown loss mask {mode!r} (expected one of {LOSS_MASKS})")
     ids = np.asarray(ids)
-    mask = np.zeros(ids.shape[0], dtype=bool)
+    n = ids.shape[0]
     ends = np.flatnonzero(ids == st.EOS_ID)
-    for bot in np.flatnonzero(ids == st.BOT_ID):
-        later = ends[ends > bot]
-        stop = int(later[0]) + 1 if later.size else ids.shape[0]  # a truncated answer runs to the end
-        mask[bot + (mode == "answer-only"):stop] = True
+    bots = np.flatnonzero(ids == st.BOT_ID)
+    # each <_bot> supervises through the first <_end> after it; a truncated answer (none) runs to the end
+    stops = np.append(ends, n - 1)[np.searchsorted(ends, bots, side="right")] + 1
+    edges = np.zeros(n + 1, dtype=np.int32)  # +1 where a supervised span starts, -1 where it stops
+    np.add.at(edges, bots + (mode == "answer-only"), 1)
+    np.add.at(edges, stops, -1)
+    mask = np.cumsum(edges[:n]) > 0
     if mode == "released":
         mask[ids == st.USER_ID] = True
     return mask
