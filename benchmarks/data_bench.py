@@ -1,6 +1,6 @@
 """process-data at corpus scale: throughput per worker vs raw SentencePiece, 2-worker scaling, memory from N to 10N.
 
-    python benchmarks/data_bench.py [--records 1800] [--max-seq-len 8192] [--part-size-mb 2]
+    python benchmarks/data_bench.py [--records 1800] [--throughput-scale 20] [--max-seq-len 8192] [--part-size-mb 2]
 
 Every figure comes from this one run, each process-data run in a fresh interpreter as the CLI runs it:
 - end-to-end tokens/s per worker (pre-pass, parse, render, tokenize, pack, MindRecord, manifest; wall clock of the
@@ -8,8 +8,9 @@ Every figure comes from this one run, each process-data run in a fresh interpret
 - 2 workers against 1 on the same corpus: target >= 1.7x (needs two idle cores; the load average is printed);
 - peak RSS (VmHWM from /proc/<pid>/status, of the parent and of the workers, which read their own) for a corpus
   of N records and of 10N records, 2 workers each: target growth <= 20% for each.
-The throughput corpus is the 10N one (N = --records, the released files' 1800 records by default): big enough
-that the fixed costs (interpreter start, each worker's MindSpore import for the MindRecord writer) weigh little.
+N = --records (the released files' 1800 records by default); the throughput corpus is --throughput-scale x N
+records, big enough that the fixed costs (interpreter start, each worker's MindSpore import for the MindRecord
+writer, about 2 s together, printed) weigh little, as they do at corpus scale.
 Uses the released SFT sample data and the real tokenizer from ../shared when present, else the shipped demo data
 with a freshly trained demo tokenizer.
 """
@@ -97,13 +98,24 @@ def process(mix: Path, tok: Path, workers: int, args: argparse.Namespace, tmp: P
     return result
 
 
+def fixed_cost() -> float:
+    """Seconds a fresh interpreter takes to import the pipeline and MindSpore's MindRecord writer (paid once per
+    run, and once per worker)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import telechat_ms.data.process; from mindspore.mindrecord import "
+                    "FileWriter"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True,
+                   capture_output=True)
+    return time.perf_counter() - start
+
+
 def verdict(ok: bool) -> str:
     return "holds" if ok else "DOES NOT HOLD"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=1800, help="N: the small corpus; the big one is 10N")
+    parser.add_argument("--records", type=int, default=1800, help="N of the memory comparison (N vs 10N)")
+    parser.add_argument("--throughput-scale", type=int, default=20, help="throughput corpus: this many x N records")
     parser.add_argument("--part-size-mb", type=float, default=2.0, help="part size of every run")
     parser.add_argument("--max-seq-len", type=int, default=8192)
     args = parser.parse_args()
@@ -111,27 +123,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         files, tok_path, what = sources(tmp)
-        small = corpus(tmp, files, args.records, "n")
-        big = corpus(tmp, files, args.records * 10, "10n")
+        scale = args.throughput_scale
+        big = corpus(tmp, files, args.records * scale, "throughput")
         tokenizer = TeleChatTokenizer(str(tok_path))
         raw_tokens, raw_s = raw_sentencepiece(tokenizer, big)
         raw_tps = raw_tokens / raw_s
         size = os.path.getsize(next(iter(json.loads(big.read_text()))))
-        print(f"input: {what}; N = {args.records} records, 10N = {args.records * 10} records ({size / 1e6:.1f} MB); "
-              f"parts of {args.part_size_mb} MB; --max-seq-len {args.max_seq_len} --no-cross-attention")
+        print(f"input: {what}; throughput corpus {args.records * scale} records ({size / 1e6:.1f} MB); parts of "
+              f"{args.part_size_mb} MB; --max-seq-len {args.max_seq_len} --no-cross-attention")
         print(f"load average before: {load_before[0]:.2f} (1 min) on {os.cpu_count()} cores")
-        print(f"raw SentencePiece encode of 10N (1 thread): {raw_tokens} tokens in {raw_s:.2f} s = "
-              f"{raw_tps:,.0f} tokens/s")
+        print(f"raw SentencePiece encode (1 thread): {raw_tokens} tokens in {raw_s:.2f} s = {raw_tps:,.0f} tokens/s")
+        print(f"fixed cost of a run (interpreter, pipeline and MindSpore imports): {fixed_cost():.2f} s")
         runs = {w: process(big, tok_path, w, args, tmp, args.part_size_mb) for w in (1, 2)}
         for w, r in runs.items():
             tps = r["tokens"] / r["wall"]
-            print(f"10N, {w} worker(s): {r['tokens']} tokens in {r['wall']:.2f} s = {tps:,.0f} tokens/s end to end "
+            print(f"{w} worker(s): {r['tokens']} tokens in {r['wall']:.2f} s = {tps:,.0f} tokens/s end to end "
                   f"({tps / w:,.0f} per worker); {r['parts']} parts, slot fill {r['slot_fill']:.2%}, "
                   f"{r['bytes_per_token']:.2f} bytes/token; stages {r['seconds']}")
         per_worker = runs[1]["tokens"] / runs[1]["wall"] / raw_tps
         scaling = runs[1]["wall"] / runs[2]["wall"]
         same = runs[1]["tokens"] == runs[2]["tokens"]
-        mem = {"N": process(small, tok_path, 2, args, tmp, args.part_size_mb), "10N": runs[2]}
+        mem = {"N": process(corpus(tmp, files, args.records, "n"), tok_path, 2, args, tmp, args.part_size_mb),
+               "10N": process(corpus(tmp, files, args.records * 10, "10n"), tok_path, 2, args, tmp,
+                              args.part_size_mb)}
         for name, r in mem.items():
             st = r["stats"]
             print(f"{name:>3} = {r['records_read']} records, {r['parts']} parts, 2 workers: peak RSS parent "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -56,10 +57,9 @@ def loss_mask(ids: np.ndarray, mode: str = "released") -> np.ndarray:
     bots = np.flatnonzero(ids == st.BOT_ID)
     # each <_bot> supervises through the first <_end> after it; a truncated answer (none) runs to the end
     stops = np.append(ends, n - 1)[np.searchsorted(ends, bots, side="right")] + 1
-    edges = np.zeros(n + 1, dtype=np.int32)  # +1 where a supervised span starts, -1 where it stops
-    np.add.at(edges, bots + (mode == "answer-only"), 1)
-    np.add.at(edges, stops, -1)
-    mask = np.cumsum(edges[:n]) > 0
+    mask = np.zeros(n, dtype=bool)
+    for start, stop in zip((bots + (mode == "answer-only")).tolist(), stops.tolist()):
+        mask[start:stop] = True
     if mode == "released":
         mask[ids == st.USER_ID] = True
     return mask
@@ -74,6 +74,23 @@ def encode_example(example: Example, tokenizer: TeleChatTokenizer, mode: str = "
     prefix = tokenizer.encode_memo(system)
     ids = np.asarray(prefix + tokenizer.encode(turns), dtype=np.int32)
     return Encoded(ids, loss_mask(ids, mode), len(prefix), example.packable, example.where)
+
+
+def encode_examples(examples: Sequence[Example], tokenizer: TeleChatTokenizer,
+                    mode: str = "released") -> list[Encoded]:
+    """encode_example of many examples, their texts encoded in one batch (TeleChatTokenizer.encode_batch)."""
+    texts = [e.text if not e.is_chat else render_training_parts(e) for e in examples]
+    bodies = tokenizer.encode_batch([t if isinstance(t, str) else t[1] for t in texts])
+    out = []
+    for example, text, body in zip(examples, texts, bodies):
+        if not example.is_chat:
+            ids = np.asarray(body + [st.EOS_ID], dtype=np.int32)
+            out.append(Encoded(ids, np.ones(ids.shape[0], dtype=bool), 0, True, example.where, is_chat=False))
+            continue
+        prefix = tokenizer.encode_memo(text[0])
+        ids = np.asarray(prefix + body, dtype=np.int32)
+        out.append(Encoded(ids, loss_mask(ids, mode), len(prefix), example.packable, example.where))
+    return out
 
 
 def labels_from_mask(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from telechat_ms.data.mindrecord import ShardWriter
 from telechat_ms.data.mix import PartQuota, extra_in_part
 from telechat_ms.data.pack import PackOptions, PackStats, chunk_documents, materialize_compact, plan_sequences
 from telechat_ms.data.parts import Part, iter_lines
-from telechat_ms.data.render import Encoded, encode_example
+from telechat_ms.data.render import Encoded, encode_examples
 from telechat_ms.data.tokenizer import TeleChatTokenizer
 from telechat_ms.errors import DataError
 from telechat_ms.io import atomic_write_text
@@ -32,6 +32,7 @@ SUMMARY = "summary.json"
 SKIPPED = "skipped.txt"
 FIRST_ERRORS = 20
 _REPORT_EVERY = 0.25  # seconds between progress reports
+_ENCODE_BATCH = 256  # records per SentencePiece call
 
 
 @dataclass
@@ -99,12 +100,19 @@ def _encode_part(cfg: WorkerConfig, part: Part, quota: PartQuota,
     items: list[Encoded] = []
     uses: list[int] = []
     errors: list[str] = []
+    batch: list = []
     seen = 0
+
+    def encode_batch() -> None:  # one SentencePiece call per batch of records
+        encoded = encode_examples(batch, cfg.tokenizer, cfg.loss_mask)
+        items.extend(encoded)
+        progress.add(sum(len(e) * t for e, t in zip(encoded, uses[-len(batch):])), 0)
+        batch.clear()
+
     for line_no, raw in iter_lines(path, part):
         times = quota.whole + (seen in extra)
         seen += 1
         where = f"{path}:{line_no}"
-        tokens = 0
         try:
             try:
                 text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
@@ -112,14 +120,17 @@ def _encode_part(cfg: WorkerConfig, part: Part, quota: PartQuota,
                 raise DataError(f"{where}: not UTF-8 text (byte {exc.start})") from None
             example = parse_line(text, where, cfg.task)
             if times:
-                items.append(encode_example(example, cfg.tokenizer, cfg.loss_mask))
+                batch.append(example)
                 uses.append(times)
-                tokens = len(items[-1]) * times
+                if len(batch) == _ENCODE_BATCH:
+                    encode_batch()
         except DataError as exc:
             if cfg.on_error == "fail":
                 raise DataError(f"{exc} (--on-error fail)") from None
             errors.append(str(exc))
-        progress.add(tokens, len(raw) + 1)
+        progress.add(0, len(raw) + 1)
+    if batch:
+        encode_batch()
     if seen != part.records:
         raise DataError(f"{path}: holds {seen} records in bytes {part.start}-{part.end}, the pre-pass counted "
                         f"{part.records} (was the file changed during the run?)")
