@@ -1,15 +1,24 @@
-"""Data pipeline throughput: process-data tokens/s with 1 and 2 workers vs raw SentencePiece on the same text.
+"""process-data at corpus scale: throughput per worker vs raw SentencePiece, 2-worker scaling, memory from N to 10N.
 
-    python benchmarks/data_bench.py [--repeat 2] [--max-seq-len 8192]
+    python benchmarks/data_bench.py [--records 1800] [--throughput-scale 20] [--max-seq-len 8192] [--part-size-mb 2]
 
-Uses the real TeleChat2 tokenizer and the released sample data from ../shared when present, otherwise the
-shipped demo data (x20) with a freshly trained demo tokenizer. Ratios are against the raw encode measured
-in the same run, so the numbers compare across machines.
+Every figure comes from this one run, each process-data run in a fresh interpreter as the CLI runs it:
+- end-to-end tokens/s per worker (pre-pass, parse, render, tokenize, pack, MindRecord, manifest; wall clock of the
+  whole command) against raw SentencePiece encode (one thread) of the same rendered text: target >= 0.5x;
+- 2 workers against 1 on the same corpus: target >= 1.7x (needs two idle cores; the load average is printed);
+- peak RSS (VmHWM from /proc/<pid>/status, of the parent and of the workers, which read their own) for a corpus
+  of N records and of 10N records, 2 workers each: target growth <= 20% for each.
+N = --records (the released files' 1800 records by default); the throughput corpus is --throughput-scale x N
+records, big enough that the fixed costs (interpreter start, each worker's MindSpore import for the MindRecord
+writer, about 2 s together, printed) weigh little, as they do at corpus scale.
+Uses the released SFT sample data and the real tokenizer from ../shared when present, else the shipped demo data
+with a freshly trained demo tokenizer.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,45 +34,39 @@ from telechat_ms.data.render import render_training_text  # noqa: E402
 SHARED = REPO.parent / "shared"
 
 
-def corpus(tmp: Path, scale: int) -> tuple[Path, Path, str]:
-    """(mix file, tokenizer path, description): every input file copied `scale` times, so all work is real."""
+def sources(tmp: Path) -> tuple[list[Path], Path, str]:
+    """(input files, tokenizer, description)."""
     sample = SHARED / "sample_data" / "sft"
     real = SHARED / "telechat2_115b_meta" / "tokenizer.model"
     if sample.is_dir() and real.is_file():
-        files, tok = sorted(sample.glob("*.jsonl")), real
-        what = "released sample SFT data (../shared), real 131072-piece tokenizer"
-    else:
-        from telechat_ms.data.train_tokenizer import DEMO_DIR, train_tokenizer
-        train_tokenizer(str(tmp / "tok"))
-        files, tok = [DEMO_DIR / "sft_demo.jsonl"], tmp / "tok" / "tokenizer.model"
-        what, scale = "shipped demo data, demo tokenizer", scale * 10
-    copies = []
-    for path in files:
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        copy = tmp / path.name
-        copy.write_text("\n".join(lines * scale) + "\n", encoding="utf-8")
-        copies.append(copy)
-    mix = tmp / "mix.json"
-    mix.write_text(json.dumps({str(p): 1 for p in copies}))
-    return mix, tok, f"{what}, x{scale}"
+        return sorted(sample.glob("*.jsonl")), real, "released sample SFT data, real 131072-piece tokenizer"
+    from telechat_ms.data.train_tokenizer import DEMO_DIR, train_tokenizer
+    train_tokenizer(str(tmp / "tok"))
+    return [DEMO_DIR / "sft_demo.jsonl"], tmp / "tok" / "tokenizer.model", "shipped demo data, demo tokenizer"
 
 
-def rendered_texts(mix: Path) -> list[str]:
-    """The training text of every record of the mix (weights are all 1 here)."""
+def corpus(tmp: Path, files: list[Path], records: int, name: str) -> Path:
+    """A mix of `records` records (weight 1) cycling through the input files' lines, so all the work is real."""
+    lines = [ln for path in files for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    folder = tmp / name
+    folder.mkdir()
+    data = folder / "data.jsonl"
+    with open(data, "w", encoding="utf-8") as fh:
+        for i in range(records):
+            fh.write(lines[i % len(lines)] + "\n")
+    mix = folder / "mix.json"
+    mix.write_text(json.dumps({str(data): 1}))
+    return mix
+
+
+def raw_sentencepiece(tokenizer: TeleChatTokenizer, mix: Path) -> tuple[int, float]:
+    """Tokens and seconds of bare SentencePiece encode (one thread, one call per record) of the rendered texts."""
     texts = []
     for path in json.loads(mix.read_text()):
         with open(path, encoding="utf-8") as fh:
-            for i, line in enumerate(fh, start=1):
-                if line.strip():
-                    texts.append(render_training_text(parse_line(line, f"{path}:{i}")))
-    return texts
-
-
-def raw_sentencepiece(tokenizer: TeleChatTokenizer, texts: list[str]) -> tuple[int, float]:
-    """Tokens and seconds for bare SentencePiece encode of the same texts (one thread, one call per text)."""
-    sp = tokenizer.sp
+            texts += [render_training_text(parse_line(ln, f"{path}:{i}")) for i, ln in enumerate(fh, 1) if ln.strip()]
     start = time.perf_counter()
-    n = sum(len(sp.encode(t)) for t in texts)
+    n = sum(len(ids) for ids in tokenizer.sp.encode(texts, num_threads=1))
     return n, time.perf_counter() - start
 
 
@@ -71,50 +74,93 @@ _RUN = """
 import json, sys, time
 from telechat_ms.data import ProcessOptions, process_data
 opts = ProcessOptions(**json.loads(sys.argv[1]))
+stats = {}
 start = time.perf_counter()
-summary = process_data(opts, log=lambda msg: None)
+summary = process_data(opts, log=lambda msg: None, stats=stats)
 summary["wall"] = time.perf_counter() - start
+summary["stats"] = stats
 print(json.dumps(summary))
 """
 
 
-def pipeline(mix: Path, tok: Path, workers: int, max_seq_len: int, tmp: Path) -> dict:
-    """One process-data run in a fresh interpreter, as the CLI runs (MindSpore not yet imported, so workers
-    fork; its ~3 s import happens in the write stage); returns the summary with per-stage seconds."""
-    out = tmp / f"out_w{workers}_{time.monotonic_ns()}"
+def process(mix: Path, tok: Path, workers: int, args: argparse.Namespace, tmp: Path, part_mb: float) -> dict:
+    """One process-data run in a fresh interpreter (MindSpore not imported yet, so workers fork)."""
+    out = tmp / f"out_{time.monotonic_ns()}"
     opts = dict(data_mix=str(mix), tokenizer=str(tok), out=str(out), num_workers=workers,
-                max_seq_len=max_seq_len, progress=False)
-    proc = subprocess.run([sys.executable, "-c", _RUN, json.dumps(opts)], cwd=REPO, capture_output=True,
-                          text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+                max_seq_len=args.max_seq_len, cross_attention=False, part_size_mb=part_mb, progress=False)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _RUN, json.dumps(opts)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall"] = time.perf_counter() - start  # the whole command, interpreter start included
+    return result
+
+
+def fixed_cost() -> float:
+    """Seconds a fresh interpreter takes to import the pipeline and MindSpore's MindRecord writer (paid once per
+    run, and once per worker)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import telechat_ms.data.process; from mindspore.mindrecord import "
+                    "FileWriter"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True,
+                   capture_output=True)
+    return time.perf_counter() - start
+
+
+def verdict(ok: bool) -> str:
+    return "holds" if ok else "DOES NOT HOLD"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=2, help="best of N runs per setting")
+    parser.add_argument("--records", type=int, default=1800, help="N of the memory comparison (N vs 10N)")
+    parser.add_argument("--throughput-scale", type=int, default=20, help="throughput corpus: this many x N records")
+    parser.add_argument("--part-size-mb", type=float, default=2.0, help="part size of every run")
     parser.add_argument("--max-seq-len", type=int, default=8192)
-    parser.add_argument("--scale", type=int, default=3, help="copies of the input (more work per worker start)")
     args = parser.parse_args()
-
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        mix, tok_path, what = corpus(tmp, args.scale)
+        files, tok_path, what = sources(tmp)
+        scale = args.throughput_scale
+        big = corpus(tmp, files, args.records * scale, "throughput")
         tokenizer = TeleChatTokenizer(str(tok_path))
-        texts = rendered_texts(mix)
-        raw = min((raw_sentencepiece(tokenizer, texts) for _ in range(args.repeat)), key=lambda r: r[1])
-        raw_tps = raw[0] / raw[1]
-        print(f"input: {what}; {len(texts)} records, {sum(map(len, texts)) / 1e6:.2f} M characters")
-        print(f"raw SentencePiece encode (1 thread): {raw[0]} tokens in {raw[1]:.2f} s = {raw_tps:,.0f} tokens/s")
-        print("tokenize = parse + validate + render + encode + loss mask; end-to-end adds packing, MindRecord "
-              "writing and the MindSpore import")
-        print(f"{'workers':>7} {'tokenize tok/s':>15} {'vs raw':>7} {'end-to-end tok/s':>17} {'vs raw':>7}  stages (s)")
-        for workers in (1, 2):
-            runs = [pipeline(mix, tok_path, workers, args.max_seq_len, tmp) for _ in range(args.repeat)]
-            best = min(runs, key=lambda s: s["wall"])
-            tokens = best["tokens"]  # includes <_bot>/<_end>/... ids raw SentencePiece never produces
-            tok_tps, e2e_tps = tokens / best["seconds"]["tokenize"], tokens / best["wall"]
-            print(f"{workers:>7} {tok_tps:>15,.0f} {tok_tps / raw_tps:>7.2f} {e2e_tps:>17,.0f} "
-                  f"{e2e_tps / raw_tps:>7.2f}  {best['seconds']}")
+        raw_tokens, raw_s = raw_sentencepiece(tokenizer, big)
+        raw_tps = raw_tokens / raw_s
+        size = os.path.getsize(next(iter(json.loads(big.read_text()))))
+        print(f"input: {what}; throughput corpus {args.records * scale} records ({size / 1e6:.1f} MB); parts of "
+              f"{args.part_size_mb} MB; --max-seq-len {args.max_seq_len} --no-cross-attention")
+        print(f"load average before: {load_before[0]:.2f} (1 min) on {os.cpu_count()} cores")
+        print(f"raw SentencePiece encode (1 thread): {raw_tokens} tokens in {raw_s:.2f} s = {raw_tps:,.0f} tokens/s")
+        print(f"fixed cost of a run (interpreter, pipeline and MindSpore imports): {fixed_cost():.2f} s")
+        runs = {w: process(big, tok_path, w, args, tmp, args.part_size_mb) for w in (1, 2)}
+        for w, r in runs.items():
+            tps = r["tokens"] / r["wall"]
+            print(f"{w} worker(s): {r['tokens']} tokens in {r['wall']:.2f} s = {tps:,.0f} tokens/s end to end "
+                  f"({tps / w:,.0f} per worker); {r['parts']} parts, slot fill {r['slot_fill']:.2%}, "
+                  f"{r['bytes_per_token']:.2f} bytes/token; stages {r['seconds']}")
+        per_worker = runs[1]["tokens"] / runs[1]["wall"] / raw_tps
+        scaling = runs[1]["wall"] / runs[2]["wall"]
+        same = runs[1]["tokens"] == runs[2]["tokens"]
+        mem = {"N": process(corpus(tmp, files, args.records, "n"), tok_path, 2, args, tmp, args.part_size_mb),
+               "10N": process(corpus(tmp, files, args.records * 10, "10n"), tok_path, 2, args, tmp,
+                              args.part_size_mb)}
+        for name, r in mem.items():
+            st = r["stats"]
+            print(f"{name:>3} = {r['records_read']} records, {r['parts']} parts, 2 workers: peak RSS parent "
+                  f"{st['parent_peak_rss_kb'] / 1024:.0f} MB, worker {st['worker_peak_rss_kb'] / 1024:.0f} MB")
+        growth = {who: mem["10N"]["stats"][key] / mem["N"]["stats"][key] - 1
+                  for who, key in (("parent", "parent_peak_rss_kb"), ("worker", "worker_peak_rss_kb"))}
+        load_after = os.getloadavg()
+    print(f"load average after: {load_after[0]:.2f} (1 min)")
+    print("targets:")
+    print(f"  end-to-end tokens/s per worker vs raw SentencePiece: {per_worker:.2f}x (>= 0.5x) "
+          f"{verdict(per_worker >= 0.5)}")
+    print(f"  2 workers vs 1: {scaling:.2f}x (>= 1.7x) {verdict(scaling >= 1.7)}"
+          + ("" if same else "  [token counts differ between the runs!]"))
+    for who, g in growth.items():
+        print(f"  peak RSS of the {who}, N -> 10N: {g:+.1%} (<= +20%) {verdict(g <= 0.20)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ released incremental rule (tables for each row's new total length, applied to th
 Layouts (the contract with `telechat_ms.parallel.parallelize(..., batched_inputs=...)`, which shards them):
   shared   cos/sin [S, d],        mask [1, 1, S, S]   one causal table for every row
   batched  cos/sin [B, 1, S, d],  mask [B, 1, S, S]   per-row tables (packed samples restart their positions)
+  varlen   cos/sin [B, 1, S, d],  actual_seq_len int32 [B * K]   packed rows for the Ascend flash-attention
+           kernel in TND layout: every sample's cumulative end over the flattened batch, K per row (the place of
+           the mask argument; `varlen_mask` is the explicit mask it stands for)
   cached   cos/sin [B, 1, n, d],  mask [B, 1, n, L],  index [B, K, n, 3]   n new tokens per row, cache of L slots
 Masks are uint8 with 1 = may not attend.
 """
@@ -61,8 +64,9 @@ class RotaryConfig(Protocol):
     num_key_value_heads: int
 
 
-SHARED, BATCHED = "shared", "batched"
-LAYOUTS = (SHARED, BATCHED)
+SHARED, BATCHED, VARLEN = "shared", "batched", "varlen"
+LAYOUTS = (SHARED, BATCHED, VARLEN)
+COMPRESSED_MASK_SIZE = 2048  # the flash-attention kernel's compressed causal mask (sparse_mode 2/3)
 
 
 def tables_for(cfg: RotaryConfig, positions, total_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,17 +96,65 @@ def packed_mask(position_ids: np.ndarray) -> np.ndarray:
     return (~(same & causal)).astype(np.uint8)[:, None]
 
 
+def actual_seq_lengths(position_ids: np.ndarray, max_segments: int | None = None) -> np.ndarray:
+    """int32 [B * K]: the cumulative end offset of every packed sample over the flattened batch (the TND layout's
+    actual_seq_qlen / actual_seq_kvlen), each row's list padded to K entries with the row's end (zero-length samples,
+    as MindFormers pads it). K = max_segments, or the batch's most samples per row rounded up to a power of two
+    (a fixed K keeps one compiled graph)."""
+    pos = np.asarray(position_ids)
+    batch, seq = pos.shape
+    ends = []
+    for r in range(batch):
+        starts = np.flatnonzero(pos[r] == 0)
+        if starts.size == 0 or starts[0] != 0:
+            raise ValueError(f"row {r}: position_ids must start at 0 (every sample restarts at 0)")
+        ends.append(np.append(starts[1:], seq))
+    need = max(e.size for e in ends)
+    k = max_segments if max_segments is not None else 1 << (need - 1).bit_length()
+    if need > k:
+        raise ValueError(f"a row holds {need} samples, more than the {k} entries per row of actual_seq_len "
+                         f"(the manifest's max_samples_per_row + 1)")
+    out = np.empty((batch, k), dtype=np.int32)
+    for r, e in enumerate(ends):
+        out[r, :e.size] = e + r * seq
+        out[r, e.size:] = (r + 1) * seq
+    return out.reshape(-1)
+
+
+def varlen_mask(actual_seq_len: np.ndarray, batch: int, seq_len: int) -> np.ndarray:
+    """uint8 [B, 1, S, S]: the explicit mask that actual_seq_len describes (causal within each sample)."""
+    ends = np.unique(np.asarray(actual_seq_len, dtype=np.int64))
+    token = np.arange(batch * seq_len)
+    seg = np.searchsorted(ends, token, side="right").reshape(batch, seq_len)
+    same = seg[:, :, None] == seg[:, None, :]
+    causal = np.tril(np.ones((seq_len, seq_len), dtype=bool))[None]
+    return (~(same & causal)).astype(np.uint8)[:, None]
+
+
+def compressed_causal_mask() -> np.ndarray:
+    """uint8 [2048, 2048], 1 above the diagonal: the causal mask the flash-attention kernel takes in TND layout."""
+    return np.triu(np.ones((COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE), dtype=np.uint8), k=1)
+
+
 def training_inputs(cfg: RotaryConfig, seq_len: int, batch_size: int = 1, position_ids: np.ndarray | None = None,
-                    layout: str = SHARED) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(cos, sin, mask) of a full forward over rows of seq_len tokens, in the shared or batched layout.
+                    layout: str = SHARED, max_segments: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cos, sin, mask) of a full forward over rows of seq_len tokens, in the shared, batched or varlen layout.
 
     Without position_ids every row holds one sequence at positions 0..S-1. With position_ids (packed rows; batched
-    layout only) each token takes the row of its own position in the tables of the row length S, the same tables an
-    unpacked row padded to S gets, so a packed sample computes exactly what it would alone.
+    or varlen layout) each token takes the row of its own position in the tables of the row length S, the same
+    tables an unpacked row padded to S gets, so a packed sample computes exactly what it would alone. In the varlen
+    layout the third input is actual_seq_len (K = max_segments per row) instead of the mask.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     cos, sin = tables_for(cfg, seq_len, seq_len)
+    if layout == VARLEN:
+        pos = np.zeros((batch_size, seq_len), np.int64) + np.arange(seq_len) if position_ids is None else \
+            np.asarray(position_ids, dtype=np.int64)
+        if pos.shape != (batch_size, seq_len):
+            raise ValueError(f"position_ids has shape {list(pos.shape)}, expected {[batch_size, seq_len]}")
+        return cos[pos][:, None], sin[pos][:, None], actual_seq_lengths(pos, max_segments)
     if position_ids is None:
         mask = causal_mask(seq_len)
         if layout == SHARED:
@@ -111,7 +163,7 @@ def training_inputs(cfg: RotaryConfig, seq_len: int, batch_size: int = 1, positi
         return (np.broadcast_to(cos, shape).copy(), np.broadcast_to(sin, shape).copy(),
                 np.broadcast_to(mask, (batch_size, 1, seq_len, seq_len)).copy())
     if layout != BATCHED:
-        raise ValueError("packed rows (position_ids) need the batched layout: their masks differ per row")
+        raise ValueError("packed rows (position_ids) need the batched or varlen layout: their masks differ per row")
     pos = np.asarray(position_ids, dtype=np.int64)
     if pos.shape != (batch_size, seq_len):
         raise ValueError(f"position_ids has shape {list(pos.shape)}, expected {[batch_size, seq_len]}")

@@ -123,3 +123,18 @@ def test_demo_tokenizer_of_another_size(tmp_path):
     from telechat_ms.data.train_tokenizer import train_tokenizer
     tok = train_tokenizer(str(tmp_path), vocab_size=2500)
     assert 2000 <= tok.vocab_size <= 2500 and [tok.id_to_piece(i) for i in range(9)] == SPECIALS
+
+
+def test_batch_encoding_equals_one_by_one(real_tok):
+    """process-data's workers encode records in batches: the ids are those of one-by-one encoding."""
+    import numpy as np
+    from telechat_ms.data import encode_example
+    from telechat_ms.data.render import encode_examples
+    examples = [parse_line(line, f"{name}:{i}") for name in ("demo_multi", "demo_tool", "demo_role")
+                for i, line in enumerate(sample_lines(name, 30), 1)]
+    examples.append(parse_line('{"text": "plain pretrain text 123"}', "p:1", task="pretrain"))
+    batch = encode_examples(examples, real_tok)
+    for e, b in zip(examples, batch):
+        one = encode_example(e, real_tok)
+        assert np.array_equal(one.ids, b.ids) and np.array_equal(one.mask, b.mask) and one.prefix_len == b.prefix_len
+    assert real_tok.encode_batch(["a<_user>b", "", "<_end>"]) == [real_tok.encode("a<_user>b"), [], [2]]

@@ -57,12 +57,51 @@ def _file_seed(seed: int, key: str) -> list[int]:
     return [seed, int.from_bytes(digest[:8], "little")]
 
 
+def _split_weight(n: int, weight: float) -> tuple[int, int]:
+    """(full passes, records of the seeded subset) for n records at weight w: floor(w), round(frac(w) * n)."""
+    whole = int(math.floor(weight))
+    return whole, int(math.floor((weight - whole) * n + 0.5))  # half rounds up, not to even
+
+
 def select_indices(n: int, weight: float, seed: int, key: str) -> list[int]:
     """floor(w) full passes over n records, then round(frac(w) * n) distinct records chosen with the seed."""
-    whole = int(math.floor(weight))
-    extra = int(math.floor((weight - whole) * n + 0.5))  # half rounds up, not to even
+    whole, extra = _split_weight(n, weight)
     indices = list(range(n)) * whole
     if extra:
         rng = np.random.default_rng(_file_seed(seed, key))
         indices += sorted(int(i) for i in rng.choice(n, size=extra, replace=False))
     return indices
+
+
+@dataclass(frozen=True)
+class PartQuota:
+    """A part's share of its file's mix weight: every record `whole` times, plus `extra` distinct records."""
+
+    whole: int
+    extra: int
+    seed: tuple[int, ...]  # seeds the choice of the `extra` records inside the part
+
+
+def part_quotas(part_records: list[int], weight: float, seed: int, key: str) -> list[PartQuota]:
+    """Split one file's selection over its parts, from the pre-pass counts alone (never the worker count).
+
+    floor(w) full passes, then round(frac(w) x N) distinct records: how many of them fall in each part is one
+    seeded multivariate hypergeometric draw, and which ones is a seeded choice inside the part, so the subset is a
+    uniformly random one without replacement, as if drawn from the whole file at once.
+    """
+    n = int(sum(part_records))
+    whole, extra = _split_weight(n, weight)
+    base = _file_seed(seed, key)
+    counts = [0] * len(part_records)
+    if extra:
+        rng = np.random.default_rng(base)
+        counts = [int(c) for c in rng.multivariate_hypergeometric(np.asarray(part_records, dtype=np.int64), extra)]
+    return [PartQuota(whole, c, (*base, i)) for i, c in enumerate(counts)]
+
+
+def extra_in_part(records: int, quota: PartQuota) -> np.ndarray:
+    """Sorted indices (within the part) of the records its quota adds once more."""
+    if not quota.extra:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(list(quota.seed))
+    return np.sort(rng.choice(records, size=quota.extra, replace=False))

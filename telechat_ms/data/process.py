@@ -1,35 +1,41 @@
 """process-data: jsonl + data mix -> validated, tokenized, packed MindRecord shards with a manifest.
 
-Workers only parse and tokenize; the parent selects, orders, packs and writes, so the output bytes do not
-depend on the number of workers.
+A cheap pre-pass cuts the inputs into parts (telechat_ms.data.parts) and splits the mix weights over them; each
+worker takes whole parts from read to written shards (telechat_ms.data.worker); this process only schedules the
+parts, shows progress, collects their small summaries and, once every part of every node is finished, writes the
+manifest (telechat_ms.data.stage). Memory: O(parts) here, O(one part) in a worker. The output bytes are the same
+for any --num-workers and any --num-nodes split.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
+import queue as queue_module
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import numpy as np
 from tqdm import tqdm
 
-from telechat_ms.data.formats import TASKS, parse_line
-from telechat_ms.data.mindrecord import write_shards
-from telechat_ms.data.mix import load_mix, select_indices
-from telechat_ms.data.pack import OVERLONG, PAD_SIDES, PackOptions, materialize, plan_sequences
-from telechat_ms.data.render import LOSS_MASKS, Encoded, encode_example
+from telechat_ms.data.formats import TASKS
+from telechat_ms.data.mindrecord import shard_sizes
+from telechat_ms.data.mix import load_mix
+from telechat_ms.data.pack import OVERLONG, PAD_SIDES, PackOptions
+from telechat_ms.data.parts import DEFAULT_PART_MB, Part, plan_parts
+from telechat_ms.data.render import LOSS_MASKS
+from telechat_ms.data.stage import (MANIFEST, MANIFEST_FORMAT, SKIPPED_FILE, finalize, finished_parts,
+                                    open_staging, staging_dir)
 from telechat_ms.data.tokenizer import TeleChatTokenizer, resolve_tokenizer_path
+from telechat_ms.data.worker import WorkerConfig, init_worker, peak_rss_kb, run_part, run_part_in_pool
 from telechat_ms.errors import DataError
-from telechat_ms.io import atomic_output_dir, atomic_write_text
 
-MANIFEST = "manifest.json"
-SKIPPED_FILE = "skipped_lines.txt"
-MANIFEST_FORMAT = "telechat_ms.process_data/1"
 ON_ERROR = ("skip", "fail")
-_CHUNK_LINES = 128
+# Options that do not change the output bytes (everything else is part of the job's fingerprint).
+_RUN_ONLY = ("out", "num_workers", "num_nodes", "node_rank", "resume", "overwrite", "progress", "show_errors")
+
+__all__ = ["MANIFEST", "SKIPPED_FILE", "ProcessOptions", "finalize_output", "format_summary", "process_data"]
 
 
 @dataclass
@@ -51,6 +57,10 @@ class ProcessOptions:
     pack: bool = True
     max_records_per_file: int | None = None
     records_per_shard: int = 4096
+    part_size_mb: float = DEFAULT_PART_MB
+    num_nodes: int = 1
+    node_rank: int = 0
+    resume: bool = False
     overwrite: bool = False
     progress: bool = True
     show_errors: int = 5
@@ -62,66 +72,18 @@ class ProcessOptions:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise DataError(f"--{name.replace('_', '-')}: {getattr(self, name)!r} is not one of {allowed}")
-        for name in ("max_seq_len", "num_workers", "records_per_shard"):
+        for name in ("max_seq_len", "num_workers", "records_per_shard", "num_nodes"):
             if getattr(self, name) < 1:
                 raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_seq_len < 2:
+            raise DataError(f"--max-seq-len must be >= 2, got {self.max_seq_len}")
         if self.max_records_per_file is not None and self.max_records_per_file < 1:
             raise DataError(f"--max-records-per-file must be >= 1, got {self.max_records_per_file}")
-
-
-# ---- workers -------------------------------------------------------------------------------------
-_STATE: dict[str, Any] = {}
-
-
-def _init_worker(tokenizer: TeleChatTokenizer, task: str, loss_mask: str) -> None:
-    _STATE.update(tokenizer=tokenizer, task=task, loss_mask=loss_mask)
-
-
-def _encode_chunk(chunk: tuple[int, str, list[tuple[int, bytes]]]) -> tuple[int, list[Encoded | str]]:
-    """Parse + validate + tokenize lines; a bad line becomes its error message (file:line: reason)."""
-    file_idx, path, lines = chunk
-    out: list[Encoded | str] = []
-    for line_no, raw in lines:
-        where = f"{path}:{line_no}"
-        try:
-            try:
-                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{where}: not UTF-8 text (byte {exc.start})") from None
-            example = parse_line(text, where, _STATE["task"])
-            out.append(encode_example(example, _STATE["tokenizer"], _STATE["loss_mask"]))
-        except DataError as exc:
-            out.append(str(exc))
-    return file_idx, out
-
-
-def _read_chunks(paths: list[str], limit: int | None) -> Iterator[tuple[int, str, list[tuple[int, bytes]]]]:
-    """Non-blank lines of each file (at most `limit` per file) in chunks tagged with their 1-based line numbers."""
-    for file_idx, path in enumerate(paths):
-        chunk: list[tuple[int, bytes]] = []
-        taken = 0
-        with open(path, "rb") as fh:
-            for line_no, raw in enumerate(fh, start=1):
-                if not raw.strip():
-                    continue
-                if limit is not None and taken >= limit:
-                    break
-                chunk.append((line_no, raw))
-                taken += 1
-                if len(chunk) == _CHUNK_LINES:
-                    yield file_idx, path, chunk
-                    chunk = []
-        if chunk:
-            yield file_idx, path, chunk
-
-
-def _count_lines(paths: list[str], limit: int | None) -> int:
-    total = 0
-    for path in paths:
-        with open(path, "rb") as fh:
-            n = sum(1 for raw in fh if raw.strip())
-        total += n if limit is None else min(n, limit)
-    return total
+        if not self.part_size_mb > 0:
+            raise DataError(f"--part-size-mb must be > 0, got {self.part_size_mb}")
+        if not 0 <= self.node_rank < self.num_nodes:
+            raise DataError(f"--node-rank must be in [0, {self.num_nodes}) for --num-nodes {self.num_nodes}, "
+                            f"got {self.node_rank}")
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
@@ -131,156 +93,195 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-# ---- pipeline ------------------------------------------------------------------------------------
-@dataclass
-class _Collected:
-    """Per input file: valid encoded examples in line order, lines read, bad-line messages."""
+def _file_bytes(opts: ProcessOptions, plan) -> int:
+    """An upper bound of one output file's bytes, from the pre-pass alone (it sizes every file's pages): at most
+    one token per input byte plus a default system prompt per record, each record used up to ceil(w) times, 4 bytes
+    per column, capped by records_per_shard full rows."""
+    columns = 2 if opts.cross_attention else 3
+    per_part = max((p.end - p.start + 64 * p.records) * (q.whole + (q.extra > 0)) for p, q in
+                   zip(plan.parts, plan.quotas))
+    return int(min(per_part, opts.records_per_shard * opts.max_seq_len) * 4 * columns)
 
-    items: list[list[Encoded]]
-    read: list[int]
-    errors: list[list[str]]
+
+def _job(opts: ProcessOptions, tokenizer: TeleChatTokenizer, mix, plan) -> dict[str, Any]:
+    """job.json: what the final step needs to write the manifest, wherever it runs."""
+    with_pos = not opts.cross_attention
+    return {
+        "format": MANIFEST_FORMAT, "fingerprint": plan.fingerprint, "task": opts.task,
+        "max_seq_len": opts.max_seq_len, "num_parts": len(plan.parts), "num_nodes": opts.num_nodes,
+        "rows": f"compact: real tokens only; readers pad to max_seq_len on the {opts.pad_side} with <_pad> (3), "
+                f"labels -100" + (", position_ids 0, 1, ... (a segment of their own)" if with_pos else ""),
+        "columns": {"input_ids": ["int32", [-1]], "labels": ["int32", [-1]],
+                    **({"position_ids": ["int32", [-1]]} if with_pos else {})},
+        "labels": "token id where supervised, -100 elsewhere; not shifted (the model shifts)",
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "show_errors", "resume")},
+        "tokenizer": {"path": tokenizer.model_file, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
+        "mix": [{"key": e.key, "path": e.path, "weight": e.weight, "records": n}
+                for e, n in zip(mix, plan.records_per_file)],
+    }
 
 
-def _tokenize_all(opts: ProcessOptions, tokenizer: TeleChatTokenizer, paths: list[str],
-                  log: Callable[[str], None]) -> _Collected:
-    """Run the workers over every file; keep valid examples per file in line order, report bad lines."""
-    got = _Collected([[] for _ in paths], [0] * len(paths), [[] for _ in paths])
-    chunks = _read_chunks(paths, opts.max_records_per_file)
-    pool = None
-    if opts.num_workers > 1:  # before the progress bar starts its monitor thread
-        pool = _mp_context().Pool(opts.num_workers, initializer=_init_worker,
-                                  initargs=(tokenizer, opts.task, opts.loss_mask))
-        results = pool.imap(_encode_chunk, chunks)
-    else:
-        _init_worker(tokenizer, opts.task, opts.loss_mask)
-        results = map(_encode_chunk, chunks)
-    bar = tqdm(total=_count_lines(paths, opts.max_records_per_file), desc="tokenize", unit="rec",
-               disable=not opts.progress, file=sys.stderr)
-    shown = 0
+class _Bar:
+    """tqdm in tokens/s; its total is estimated from the bytes done so far (the pre-pass knows all the bytes)."""
+
+    def __init__(self, total_bytes: int, parts: int, enabled: bool):
+        self.total_bytes, self.bytes, self.tokens, self.parts, self.done = max(total_bytes, 1), 0, 0, parts, 0
+        self.bar = tqdm(total=None, desc="process-data", unit="tok", unit_scale=True, disable=not enabled,
+                        file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, tokens: int, nbytes: int) -> None:
+        self.tokens += tokens
+        self.bytes += nbytes
+        if self.bytes:
+            self.bar.total = max(self.tokens, int(self.tokens * self.total_bytes / self.bytes))
+        self.bar.update(tokens)
+
+    def part_done(self) -> None:
+        self.done += 1
+        self.bar.set_postfix_str(f"parts {self.done}/{self.parts}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_parts(cfg: WorkerConfig, todo: list[tuple[Part, Any]], workers: int, make_bar: Callable[[], _Bar],
+               on_summary: Callable[[_Bar, dict], None]) -> int:
+    """Process the parts (in this process for one worker, else in a pool); returns the workers' peak RSS (kB)."""
+    peak = 0
+    if workers == 1 or len(todo) <= 1:
+        bar = make_bar()
+        try:
+            for part, quota in todo:
+                summary, _ = run_part(cfg, part, quota, bar.update)
+                on_summary(bar, summary)
+        finally:
+            bar.close()
+        return peak_rss_kb()
+    ctx = _mp_context()
+    queue = ctx.Queue()
+    pool = ctx.Pool(min(workers, len(todo)), initializer=init_worker, initargs=(cfg, queue))
+    bar = make_bar()  # after the fork: tqdm's monitor thread must not exist when the workers start
     try:
-        for file_idx, out in results:
-            bar.update(len(out))
-            got.read[file_idx] += len(out)
-            for result in out:
-                if isinstance(result, str):
-                    if opts.on_error == "fail":
-                        raise DataError(f"{result} (--on-error fail)")
-                    got.errors[file_idx].append(result)
-                    if shown < opts.show_errors:
-                        log(f"skipped {result}")
-                        shown += 1
+        pending = [pool.apply_async(run_part_in_pool, task) for task in todo]
+        while pending:
+            try:
+                while True:
+                    bar.update(*queue.get(timeout=0.1))
+            except queue_module.Empty:  # nothing reported in the last 0.1 s
+                pass
+            still = []
+            for result in pending:
+                if result.ready():
+                    summary, hwm = result.get()  # re-raises a worker's DataError here
+                    peak = max(peak, hwm)
+                    on_summary(bar, summary)
                 else:
-                    got.items[file_idx].append(result)
+                    still.append(result)
+            pending = still
+        while not queue.empty():
+            bar.update(*queue.get())
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    n_errors = sum(len(e) for e in got.errors)
-    if n_errors > shown:
-        log(f"... and {n_errors - shown} more bad lines skipped (all of them are listed in {SKIPPED_FILE})")
-    return got
+        pool.terminate()
+        pool.join()
+    return peak
 
 
-def _check_out(opts: ProcessOptions) -> None:
-    if os.path.exists(opts.out) and not opts.overwrite:
-        if not os.path.isdir(opts.out) or os.listdir(opts.out):
-            raise DataError(f"{opts.out}: output already exists (pass --overwrite to replace it)")
+def process_data(opts: ProcessOptions, log: Callable[[str], None] | None = None,
+                 stats: dict | None = None) -> dict[str, Any]:
+    """Run this node's share of the job; returns the summary (the manifest's counts once every part is finished).
 
-
-def process_data(opts: ProcessOptions, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the whole pipeline; returns the summary (also written, with options and mix, to manifest.json)."""
+    `stats`, when given, receives the run's timings and peak memory (parent and workers), which never go into
+    the output.
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     opts.check()
-    _check_out(opts)
-    timings: dict[str, float] = {}
     start = time.perf_counter()
+    out = os.path.abspath(opts.out)
+    if os.path.exists(out) and not opts.overwrite and (not os.path.isdir(out) or os.listdir(out)):
+        raise DataError(f"{opts.out}: output already exists (pass --overwrite to replace it)")
     tokenizer = TeleChatTokenizer(resolve_tokenizer_path(opts.tokenizer))
     mix = load_mix(opts.data_mix)
-    got = _tokenize_all(opts, tokenizer, [e.path for e in mix], log)
-    timings["tokenize"] = time.perf_counter() - start
+    settings = {k: v for k, v in asdict(opts).items() if k not in _RUN_ONLY}
+    settings["tokenizer"] = tokenizer.sha256
+    plan = plan_parts(mix, opts.part_size_mb, opts.max_records_per_file, opts.seed, settings)
+    if not plan.parts:
+        raise DataError(f"{opts.data_mix}: no records (every input file is empty)")
+    prepass = time.perf_counter() - start
+    single = opts.num_nodes == 1
+    mine = [p.id for p in plan.parts if p.id % opts.num_nodes == opts.node_rank]
+    staging = staging_dir(out)
+    staging_existed = os.path.isdir(staging)
+    try:
+        staging, skip = open_staging(out, _job(opts, tokenizer, mix, plan), resume=opts.resume,
+                                     overwrite=opts.overwrite, mine=mine, single_node=single)
+        pack = PackOptions(opts.max_seq_len, opts.overlong, opts.pad_side, opts.cross_attention, opts.pack,
+                           tuple(tokenizer.encode_plain("\n")))
+        cfg = WorkerConfig(tokenizer, [e.path for e in mix], os.path.join(staging, "parts"), plan.fingerprint,
+                           opts.task, opts.loss_mask, opts.on_error, opts.seed, pack, opts.records_per_shard,
+                           shard_sizes(opts.max_seq_len, not opts.cross_attention, _file_bytes(opts, plan)))
+        todo = [(plan.parts[i], plan.quotas[i]) for i in mine if i not in skip]
+        todo.sort(key=lambda t: -(t[0].end - t[0].start))  # biggest first: workers finish together
+        errors = {"shown": 0, "total": 0}
 
-    # Deterministic from here on: selection, order, packing and writing happen in this process only.
-    items = [item for per_file in got.items for item in per_file]
-    order: list[int] = []
-    offset = 0
-    mix_report = []
-    for entry, per_file, read, errors in zip(mix, got.items, got.read, got.errors):
-        chosen = select_indices(len(per_file), entry.weight, opts.seed, entry.key)
-        order.extend(offset + i for i in chosen)
-        offset += len(per_file)
-        mix_report.append({"key": entry.key, "path": entry.path, "weight": entry.weight, "records_read": read,
-                           "records_skipped": len(errors), "records_valid": len(per_file),
-                           "records_selected": len(chosen)})
-    order_arr = np.asarray(order, dtype=np.int64)
-    np.random.default_rng([opts.seed, 0]).shuffle(order_arr)
-    pack_opts = PackOptions(opts.max_seq_len, opts.overlong, opts.pad_side, opts.cross_attention, opts.pack,
-                            tuple(tokenizer.encode_plain("\n")))
-    plans, pstats = plan_sequences(items, order_arr.tolist(), pack_opts)
-    if not plans:
-        raise DataError(f"{opts.data_mix}: no usable records (every record was skipped or dropped)")
-    perm = np.random.default_rng([opts.seed, 1]).permutation(len(plans))
-    timings["pack"] = time.perf_counter() - start - timings["tokenize"]
+        def on_summary(bar: _Bar, summary: dict) -> None:
+            bar.part_done()
+            errors["total"] += summary["records_skipped"]
+            for message in summary["first_errors"]:
+                if errors["shown"] < opts.show_errors:
+                    log(f"skipped {message}")
+                    errors["shown"] += 1
 
-    totals = {"tokens": 0, "supervised": 0}
-
-    def rows():
-        for i in tqdm(perm, desc="write", unit="seq", disable=not opts.progress, file=sys.stderr):
-            row = materialize(plans[i], items, pack_opts)
-            totals["tokens"] += row.n_tokens
-            totals["supervised"] += row.n_supervised
-            yield row
-
-    with atomic_output_dir(opts.out, overwrite=opts.overwrite) as tmp:
-        shards = write_shards(tmp, rows(), opts.max_seq_len, not opts.cross_attention, opts.records_per_shard)
-        slots = len(plans) * opts.max_seq_len
-        summary = {
-            "records_read": sum(got.read),
-            "records_skipped": sum(len(e) for e in got.errors),
-            "records_valid": len(items),
-            "records_selected": len(order),
-            "truncated": pstats.truncated,
-            "dropped": pstats.dropped_overlong + pstats.dropped_no_target,
-            "dropped_overlong": pstats.dropped_overlong,
-            "dropped_no_target": pstats.dropped_no_target,
-            "packed_records": pstats.packed_examples,
-            "sequences": len(plans),
-            "tokens": totals["tokens"],
-            "supervised_tokens": totals["supervised"],
-            "padding_tokens": slots - totals["tokens"],
-            "padding_ratio": round((slots - totals["tokens"]) / slots, 6),
-        }
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "task": opts.task,
-            "columns": {"input_ids": ["int32", [opts.max_seq_len]], "labels": ["int32", [opts.max_seq_len]],
-                        **({"position_ids": ["int32", [opts.max_seq_len]]} if not opts.cross_attention else {})},
-            "labels": "token id where supervised, -100 elsewhere; not shifted (the model shifts)",
-            "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "show_errors")},
-            "tokenizer": {"path": tokenizer.model_file, "sha256": tokenizer.sha256,
-                          "vocab_size": tokenizer.vocab_size},
-            "mix": mix_report,
-            "counts": summary,
-            "shards": shards,
-            "first_errors": [e for per_file in got.errors for e in per_file][:20],
-        }
-        atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
-        if summary["records_skipped"]:
-            atomic_write_text(os.path.join(tmp, SKIPPED_FILE),
-                              "".join(e + "\n" for per_file in got.errors for e in per_file))
-    timings["write"] = time.perf_counter() - start - timings["tokenize"] - timings["pack"]
-    summary["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+        total_bytes = sum(p.end - p.start for p, _ in todo)
+        worker_peak = _run_parts(cfg, todo, opts.num_workers, lambda: _Bar(total_bytes, len(todo), opts.progress),
+                                 on_summary)
+        if errors["total"] > errors["shown"]:
+            log(f"... and {errors['total'] - errors['shown']} more bad lines skipped (all of them are listed in "
+                f"{SKIPPED_FILE})")
+        parts_time = time.perf_counter() - start - prepass
+        done = finished_parts(staging)
+        summary: dict[str, Any]
+        if len(done) == len(plan.parts):
+            summary = finalize(out, overwrite=opts.overwrite) or {"finalized": False}
+        else:
+            summary = {"finalized": False}
+        if not summary.get("finalized", True):
+            summary.update(parts_total=len(plan.parts), parts_finished=len(done), node_rank=opts.node_rank,
+                           num_nodes=opts.num_nodes, out=out)
+    except DataError:
+        if single and not staging_existed:
+            shutil.rmtree(staging, ignore_errors=True)  # bad input in a fresh run: nothing worth resuming
+        raise
+    seconds = {"prepass": prepass, "parts": parts_time, "finalize": time.perf_counter() - start - prepass - parts_time}
+    summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    if stats is not None:
+        stats.update(seconds=seconds, parts=len(plan.parts), parts_run=len(todo), parts_skipped=len(skip),
+                     parent_peak_rss_kb=peak_rss_kb(), worker_peak_rss_kb=worker_peak)
     return summary
+
+
+def finalize_output(out: str, overwrite: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`process-data --finalize OUT`: check every part of a multi-node run and write the manifest."""
+    counts = finalize(out, overwrite=overwrite, force=True, log=log or (lambda msg: print(msg, file=sys.stderr)))
+    return counts or {}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable summary lines for the CLI."""
     s = summary
-    return "\n".join([
+    if s.get("finalized") is False:
+        return (f"node {s['node_rank']} of {s['num_nodes']} done: {s['parts_finished']} of {s['parts_total']} parts "
+                f"finished; the last node to finish writes {s['out']} (or run `telechat-ms process-data --finalize "
+                f"{s['out']}`)")
+    lines = [
         f"records: {s['records_read']} read, {s['records_skipped']} skipped (bad lines), "
         f"{s['records_selected']} selected by the mix, {s['truncated']} truncated, {s['dropped']} dropped "
         f"({s['dropped_overlong']} over-long, {s['dropped_no_target']} without supervised tokens)",
-        f"sequences: {s['sequences']} ({s['packed_records']} records packed with others)",
-        f"tokens: {s['tokens']}, supervised: {s['supervised_tokens']}, padding ratio: {s['padding_ratio']:.2%}",
-        "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in s.get("seconds", {}).items()),
-    ])
+        f"rows: {s['sequences']} in {s['parts']} parts ({s['packed_records']} records packed with others, "
+        f"{s['partial_rows']} rows not full), slot fill {s['slot_fill']:.2%}",
+        f"tokens: {s['tokens_in']} in, {s['tokens']} written, supervised: {s['supervised_tokens']}, padding ratio: "
+        f"{s['padding_ratio']:.2%}, {s['bytes_per_token']:.2f} bytes per token",
+    ]
+    if "seconds" in s:
+        lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in s["seconds"].items()))
+    return "\n".join(lines)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -51,12 +52,14 @@ def loss_mask(ids: np.ndarray, mode: str = "released") -> np.ndarray:
     if mode not in LOSS_MASKS:
         raise ValueError(f"unknown loss mask {mode!r} (expected one of {LOSS_MASKS})")
     ids = np.asarray(ids)
-    mask = np.zeros(ids.shape[0], dtype=bool)
+    n = ids.shape[0]
     ends = np.flatnonzero(ids == st.EOS_ID)
-    for bot in np.flatnonzero(ids == st.BOT_ID):
-        later = ends[ends > bot]
-        stop = int(later[0]) + 1 if later.size else ids.shape[0]  # a truncated answer runs to the end
-        mask[bot + (mode == "answer-only"):stop] = True
+    bots = np.flatnonzero(ids == st.BOT_ID)
+    # each <_bot> supervises through the first <_end> after it; a truncated answer (none) runs to the end
+    stops = np.append(ends, n - 1)[np.searchsorted(ends, bots, side="right")] + 1
+    mask = np.zeros(n, dtype=bool)
+    for start, stop in zip((bots + (mode == "answer-only")).tolist(), stops.tolist()):
+        mask[start:stop] = True
     if mode == "released":
         mask[ids == st.USER_ID] = True
     return mask
@@ -71,6 +74,23 @@ def encode_example(example: Example, tokenizer: TeleChatTokenizer, mode: str = "
     prefix = tokenizer.encode_memo(system)
     ids = np.asarray(prefix + tokenizer.encode(turns), dtype=np.int32)
     return Encoded(ids, loss_mask(ids, mode), len(prefix), example.packable, example.where)
+
+
+def encode_examples(examples: Sequence[Example], tokenizer: TeleChatTokenizer,
+                    mode: str = "released") -> list[Encoded]:
+    """encode_example of many examples, their texts encoded in one batch (TeleChatTokenizer.encode_batch)."""
+    texts = [e.text if not e.is_chat else render_training_parts(e) for e in examples]
+    bodies = tokenizer.encode_batch([t if isinstance(t, str) else t[1] for t in texts])
+    out = []
+    for example, text, body in zip(examples, texts, bodies):
+        if not example.is_chat:
+            ids = np.asarray(body + [st.EOS_ID], dtype=np.int32)
+            out.append(Encoded(ids, np.ones(ids.shape[0], dtype=bool), 0, True, example.where, is_chat=False))
+            continue
+        prefix = tokenizer.encode_memo(text[0])
+        ids = np.asarray(prefix + body, dtype=np.int32)
+        out.append(Encoded(ids, loss_mask(ids, mode), len(prefix), example.packable, example.where))
+    return out
 
 
 def labels_from_mask(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

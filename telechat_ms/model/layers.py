@@ -14,8 +14,18 @@ from mindspore.ops import operations as P
 
 from telechat_ms.backend import FlashAttention, Linear, LlamaRMSNorm, LlamaSiLU, ms_dtype
 from telechat_ms.config import TeleChatConfig
+from telechat_ms.positions import compressed_causal_mask
 
 MASK_VALUE = -1e9  # added to masked attention scores in fp32; exp() of it is exactly 0
+_COMPRESSED_MASK: list = []
+
+
+def _compressed_mask() -> ms.Tensor:
+    """The kernel's 2048 x 2048 causal mask, one Tensor shared by every layer."""
+    if not _COMPRESSED_MASK:
+        _COMPRESSED_MASK.append(ms.Tensor(compressed_causal_mask(), ms.uint8))
+    return _COMPRESSED_MASK[0]
+
 
 def rms_norm(cfg: TeleChatConfig, dim: int) -> LlamaRMSNorm:
     """RMSNorm computed in fp32 and cast back (fused Ascend kernel when cfg.fused_rms_norm)."""
@@ -77,6 +87,15 @@ class TeleChatAttention(nn.Cell):
         if self.use_flash_attention:
             self.flash_attention = FlashAttention(head_num=self.n_head, scale_value=self.scale, input_layout="BNSD",
                                                   sparse_mode=0, use_attention_mask=True)
+            # packed rows (positions.VARLEN): tokens of the whole batch in TND layout, samples delimited by
+            # actual_seq_len, causal inside each through the compressed mask (sparse_mode 3, as MindFormers does)
+            self.flash_attention_varlen = FlashAttention(head_num=self.n_head, scale_value=self.scale,
+                                                         next_tokens=0, input_layout="TND", sparse_mode=3,
+                                                         use_attention_mask=True, use_actual_seqlen=True)
+            self.compressed_mask = _compressed_mask()
+            self.transpose_tnd_q = P.Transpose()
+            self.transpose_tnd_k = P.Transpose()
+            self.transpose_tnd_v = P.Transpose()
         else:
             self.qk_matmul = P.BatchMatMul(transpose_b=True)
             self.mul_scale = P.Mul()
@@ -125,9 +144,12 @@ class TeleChatAttention(nn.Cell):
         return self.rotary(q, cos, sin), self.rotary(k, cos, sin), v
 
     def construct(self, x, cos, sin, attn_mask):
-        """x [B, S, H]; cos/sin [S, d]; attn_mask uint8 [B or 1, 1, S, S] with 1 = may not attend."""
+        """x [B, S, H]; cos/sin [S, d] or [B, 1, S, d]; attn_mask uint8 [B or 1, 1, S, S] with 1 = may not attend,
+        or (flash attention, packed rows) actual_seq_len int32 [B * K] (telechat_ms.positions, layout varlen)."""
         bs, seq, _ = x.shape
         q, k, v = self._project(x, cos, sin)
+        if self.use_flash_attention and len(attn_mask.shape) == 1:  # resolved when the graph is compiled
+            return self.wo(self._varlen_attention(q, k, v, attn_mask))
         if self.use_flash_attention:
             out = self.flash_attention(q, k, v, attn_mask)
         else:
@@ -164,6 +186,16 @@ class TeleChatAttention(nn.Cell):
             out = self._grouped_attention(q, k_cache, v_cache, attn_mask)
         out = self.reshape(self.transpose_out(out, (0, 2, 1, 3)), (bs, seq, self.hidden))
         return self.wo(out)
+
+    def _varlen_attention(self, q, k, v, actual_seq_len):
+        """Flash attention over packed samples in TND layout: [B*S, heads, d], no [S, S] mask; returns [B, S, H]."""
+        bs, _, seq, _ = q.shape
+        q = self.reshape(self.transpose_tnd_q(q, (0, 2, 1, 3)), (bs * seq, self.n_head, self.head_dim))
+        k = self.reshape(self.transpose_tnd_k(k, (0, 2, 1, 3)), (bs * seq, self.n_kv, self.head_dim))
+        v = self.reshape(self.transpose_tnd_v(v, (0, 2, 1, 3)), (bs * seq, self.n_kv, self.head_dim))
+        out = self.flash_attention_varlen(q, k, v, self.compressed_mask, actual_seq_qlen=actual_seq_len,
+                                          actual_seq_kvlen=actual_seq_len)
+        return self.reshape(out, (bs, seq, self.hidden))
 
     def _grouped_attention(self, q, k_cache, v_cache, attn_mask):
         """GQA without copying the cache: the n_rep query heads of one kv head are stacked on the query axis."""

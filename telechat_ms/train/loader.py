@@ -7,7 +7,8 @@ dropped (drop_remainder, the default) or make one more batch completed with the 
 record is skipped and every batch keeps its static shape. The position (epoch, batch index) is saved in
 checkpoints.
 Rows are read on demand from the shards (MindDataset with a SubsetSampler of this rank's rows), so memory does
-not grow with the dataset; each rank reads only its own rows.
+not grow with the dataset; each rank reads only its own rows. process-data writes compact rows (real tokens only):
+they are padded here to the manifest's max_seq_len, on its pad side, as `telechat_ms.data.pack.pad_row` says.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class BatchLoader:
     def __init__(self, data_dir: str, batch_size: int, accumulation: int = 1, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, drop_remainder: bool = True):
         import mindspore.dataset as ds
-        from telechat_ms.data.mindrecord import list_shards
+        from telechat_ms.data.mindrecord import list_shards, row_layout
         if not os.path.isdir(data_dir) or not list_shards(data_dir):
             raise DataError(f"{data_dir}: no MindRecord shards found (run `telechat-ms process-data` first)")
         self.files = list_shards(data_dir)
@@ -45,7 +46,11 @@ class BatchLoader:
             raise DataError(f"{data_dir}: shards lack the input_ids/labels columns")
         self.column_names = [c for c in ("input_ids", "labels", "position_ids") if c in first]
         self.num_records = ds.MindDataset(self.files, shuffle=False).get_dataset_size()
-        self.seq_length = int(first["input_ids"].shape[-1])
+        length, self.pad_side = row_layout(data_dir)
+        self.seq_length = length or int(first["input_ids"].shape[-1])  # bare fixed-length shards: their length
+        # samples per row (+1 for the pads' own segment): the fixed size of flash attention's actual_seq_len
+        most = self.manifest.get("counts", {}).get("max_samples_per_row")
+        self.max_segments = int(most) + 1 if most else None
         self.micro = batch_size
         self.accumulation = accumulation
         self.rank, self.world = rank, world_size
@@ -86,12 +91,25 @@ class BatchLoader:
         return micro, int((rows_of["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def _read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """The given records, in the given order, as int32 arrays [len(indices), S]."""
+        """The given records, in the given order, padded to seq_length: int32 arrays [len(indices), S]."""
         import mindspore.dataset as ds
+        from telechat_ms.data.pack import pad_row
         data = ds.MindDataset(self.files, columns_list=self.column_names, num_parallel_workers=1,
                               sampler=ds.SubsetSampler([int(i) for i in indices]))
-        rows = list(data.create_tuple_iterator(num_epochs=1, output_numpy=True))
-        return {name: np.stack([r[j] for r in rows]).astype(np.int32) for j, name in enumerate(self.column_names)}
+        out: dict[str, list[np.ndarray]] = {name: [] for name in self.column_names}
+        for row in data.create_tuple_iterator(num_epochs=1, output_numpy=True):
+            cols = dict(zip(self.column_names, row))
+            if cols["input_ids"].shape[0] > self.seq_length:
+                raise DataError(f"{self.files[0]}: a row of {cols['input_ids'].shape[0]} tokens is longer than "
+                                f"max_seq_len {self.seq_length}")
+            ids, labels, pos = pad_row(cols["input_ids"].astype(np.int32), cols["labels"].astype(np.int32),
+                                       cols["position_ids"].astype(np.int32) if "position_ids" in cols else None,
+                                       self.seq_length, self.pad_side)
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            if pos is not None:
+                out["position_ids"].append(pos)
+        return {name: np.stack(col) for name, col in out.items()}
 
     def state_dict(self) -> dict:
         return {"epoch": self.state.epoch, "batch": self.state.batch, "seed": self.seed,

@@ -13,7 +13,7 @@ import numpy as np
 
 from telechat_ms.errors import CheckpointError, ConfigError, DataError, TrainingError
 from telechat_ms.job_config import JobConfig, OptimizerConfig
-from telechat_ms.positions import BATCHED, SHARED, training_inputs
+from telechat_ms.positions import BATCHED, SHARED, VARLEN, training_inputs
 from telechat_ms.train.checkpoint import _fault, latest_checkpoint, load_checkpoint, save_checkpoint
 from telechat_ms.train.lr import lr_at
 from telechat_ms.train.metrics import MetricsLogger
@@ -80,11 +80,12 @@ class PositionCache:
 
     SHARED (data without position_ids): one causal [S, d] table set, built once per length. BATCHED: per-row
     tables and masks; packed rows (position_ids) need it, and a semi-auto job declares the layout it feeds
-    (`parallelize(..., batched_inputs=...)`).
+    (`parallelize(..., batched_inputs=...)`). VARLEN (packed rows under flash attention): per-row tables and the
+    samples' boundaries (actual_seq_len, `max_segments` per row) instead of [S, S] masks.
     """
 
-    def __init__(self, cfg, layout: str = SHARED):
-        self.cfg, self.layout = cfg, layout
+    def __init__(self, cfg, layout: str = SHARED, max_segments: int | None = None):
+        self.cfg, self.layout, self.max_segments = cfg, layout, max_segments
         self.cache: dict[tuple, tuple] = {}
 
     def __call__(self, batch: dict[str, np.ndarray]):
@@ -93,15 +94,19 @@ class PositionCache:
         pos = batch.get("position_ids")
         if pos is None and (seq, rows) in self.cache:
             return self.cache[(seq, rows)]
-        out = tuple(ms.Tensor(x) for x in training_inputs(self.cfg, seq, rows, pos, self.layout))
+        out = tuple(ms.Tensor(x) for x in training_inputs(self.cfg, seq, rows, pos, self.layout, self.max_segments))
         if pos is None:
             self.cache[(seq, rows)] = out
         return out
 
 
-def input_layout(has_position_ids: bool) -> str:
-    """The layout the trainer feeds for a dataset: per-row inputs for packed rows, shared causal ones otherwise."""
-    return BATCHED if has_position_ids else SHARED
+def input_layout(has_position_ids: bool, flash_attention: bool = False, sharded: bool = False) -> str:
+    """The layout the trainer feeds for a dataset: shared causal inputs for one sample per row; for packed rows
+    per-row inputs with explicit per-sample masks, or (flash attention, not sharded) the samples' boundaries for the
+    kernel's TND layout. Semi-auto runs keep the explicit masks, whose batch axis the strategies split."""
+    if not has_position_ids:
+        return SHARED
+    return VARLEN if flash_attention and not sharded else BATCHED
 
 
 def train(job: JobConfig) -> TrainResult:
@@ -130,7 +135,7 @@ def train(job: JobConfig) -> TrainResult:
     total_steps = runner.max_steps if runner.max_steps > 0 else loader.batches_per_epoch * runner.epochs
     model, trainable = build_model(job)
     optimizer = build_optimizer(job.optimizer, job.lr_schedule.learning_rate, trainable)
-    layout = input_layout("position_ids" in loader.column_names)
+    layout = input_layout("position_ids" in loader.column_names, model.config.use_flash_attention, sharded)
     jit_config = run.jit_config() if run.device_target != "CPU" else None
     if sharded:
         stepper = SemiAutoRunner(model, optimizer, job.parallel_config, job.recompute_config, job.parallel,
@@ -138,7 +143,7 @@ def train(job: JobConfig) -> TrainResult:
                                  job.source)
     else:
         stepper = AccumulatingRunner(model, trainable, optimizer, run.world_size, job.runner_wrapper, jit_config)
-    positions = PositionCache(model.config, layout)
+    positions = PositionCache(model.config, layout, loader.max_segments)
 
     out_dir = job.output_dir
     # Replicated weights (stand_alone, data_parallel): rank 0 writes one checkpoint. Sharded weights
