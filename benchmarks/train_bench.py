@@ -126,7 +126,7 @@ def main() -> None:
     med = {impl: statistics.median(v) for impl, v in runs.items()}
     vs_torch = [o / t for o, t in zip(runs["telechat_ms"], runs["torch_reference"])]
     vs_bare = [o / b for o, b in zip(runs["telechat_ms"], runs["bare_mindspore"])]
-    print(f"median ms/step: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))
+    print("median ms/step: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))
     print(f"telechat_ms / torch step time per round: {', '.join(f'{x:.2f}x' for x in vs_torch)}; "
           f"telechat_ms / bare TrainOneStepCell: {', '.join(f'{x:.2f}x' for x in vs_bare)} "
           f"({a.layers} layers, hidden {a.hidden}, batch {a.batch} x seq {a.seq}; separate processes)")

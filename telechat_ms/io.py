@@ -56,9 +56,10 @@ def atomic_output_dir(final: str, overwrite: bool = False) -> Iterator[str]:
 
 
 def read_json_object(path: str, error: type[Exception] = ValueError) -> dict:
-    """Parse a JSON file that must hold an object; `error` names the file (and line for syntax errors)."""
+    """Parse a JSON file that must hold an object; `error` names the file (and line for syntax errors). A UTF-8
+    byte-order mark is tolerated (editors on Windows write one)."""
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
         raise error(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc

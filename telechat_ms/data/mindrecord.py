@@ -8,7 +8,6 @@ checked after commit.
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import Any, Iterator
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from telechat_ms.data.pack import PackedRow, pad_row
 from telechat_ms.errors import DataError
+from telechat_ms.io import read_json_object
 
 SCHEMA_DESC = "telechat_ms"
 MANIFEST = "manifest.json"
@@ -116,11 +116,7 @@ def read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    return read_json_object(path, DataError)
 
 
 def list_shards(directory: str) -> list[str]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from telechat_ms.errors import DataError
+from telechat_ms.io import read_json_object
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,10 @@ def load_mix(mix_path: str) -> list[MixEntry]:
         if not os.path.isfile(mix_path):
             raise DataError(f"{mix_path}: data file not found")
         return [MixEntry(os.path.basename(mix_path), os.path.abspath(mix_path), 1.0)]
-    try:
-        with open(mix_path, encoding="utf-8-sig") as fh:
-            mix = json.load(fh)
-    except FileNotFoundError:
-        raise DataError(f"{mix_path}: data-mix file not found") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{mix_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-    if not isinstance(mix, dict) or not mix:
+    if not os.path.isfile(mix_path):
+        raise DataError(f"{mix_path}: data-mix file not found")
+    mix = read_json_object(mix_path, DataError)
+    if not mix:
         raise DataError(f"{mix_path}: expected a non-empty JSON object {{\"file.jsonl\": weight, ...}}")
     base = os.path.dirname(os.path.abspath(mix_path))
     entries = []

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from telechat_ms.data.worker import SKIPPED, SUMMARY, part_dir_name
 from telechat_ms.errors import DataError
-from telechat_ms.io import atomic_write_text
+from telechat_ms.io import atomic_write_text, read_json_object
 
 JOB = "job.json"
 PARTS = "parts"
@@ -41,10 +41,9 @@ def staging_dir(out: str) -> str:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: unreadable ({exc})") from None
+        return read_json_object(path, DataError)
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable ({exc.strerror})") from None
 
 
 def finished_parts(staging: str) -> set[int]:
