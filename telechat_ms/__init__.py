@@ -5,9 +5,9 @@
 The model and tokenizer are imported on first use (MindSpore + MindFormers take ~10 s to import). MindSpore's own
 C++ log defaults to errors only (GLOG_v=3; set GLOG_v=2 for its warnings).
 """
-import os
+from telechat_ms.runtime_env import set_defaults
 
-os.environ.setdefault("GLOG_v", "3")
+set_defaults()
 
 from telechat_ms.config import TeleChatConfig  # noqa: E402
 

@@ -2,23 +2,22 @@
 
 Importing MindFormers prints warnings on stdout (optional models that need `hyper_parallel`) and writes its log
 under `./output/log` of whatever directory the user runs from. Imported through here, its log goes to
-`$LOG_MF_PATH` if the user set it, else to the directory given to `use_log_dir` (the trainer passes the run's
-output directory) or `~/.cache/telechat_ms/mindformers_log`; its stdout handler is moved to stderr at ERROR
-level, and `warnings.showwarning`, which MindFormers replaces with its own logger, is restored.
+`$LOG_MF_PATH` if the user set it, else to the directory a run gave telechat_ms.runtime_env.use_log_dir (the
+trainer and the predict / serve jobs pass their output directory) or `~/.cache/telechat_ms/mindformers_log`; its
+stdout handler is moved to stderr at ERROR level, and `warnings.showwarning`, which MindFormers replaces with its
+own logger, is restored.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
-import os
 import sys
 import warnings
 
 import mindspore as ms
 
-LOG_ENV = "LOG_MF_PATH"
-DEFAULT_LOG_DIR = os.path.join(os.path.expanduser("~"), ".cache", "telechat_ms", "mindformers_log")
+from telechat_ms.runtime_env import mindformers_log_dir
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -28,15 +27,9 @@ def ms_dtype(name: str) -> ms.dtype:
     return _DTYPES[name]
 
 
-def use_log_dir(path: str) -> None:
-    """Send MindFormers' log files under `path` (effective only before MindFormers is first imported)."""
-    if "mindformers" not in sys.modules:
-        os.environ.setdefault(LOG_ENV, os.path.join(os.path.abspath(path), "mindformers_log"))
-
-
 def _import_quietly():
     """Import mindformers with its stdout handlers captured, then point them at stderr for errors only."""
-    os.environ.setdefault(LOG_ENV, DEFAULT_LOG_DIR)
+    mindformers_log_dir()
     shown = warnings.showwarning
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
@@ -58,5 +51,4 @@ from mindformers.models.llama.llama_layer import LlamaEmbedding, LlamaRMSNorm, L
 from mindformers.modules.flash_attention import FlashAttention  # noqa: E402
 from mindformers.modules.layers import Linear  # noqa: E402
 
-__all__ = ["AdamW", "DEFAULT_LOG_DIR", "FlashAttention", "LlamaEmbedding", "LlamaRMSNorm", "LlamaSiLU", "Linear",
-           "ms_dtype", "use_log_dir"]
+__all__ = ["AdamW", "FlashAttention", "LlamaEmbedding", "LlamaRMSNorm", "LlamaSiLU", "Linear", "ms_dtype"]

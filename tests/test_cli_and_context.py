@@ -98,3 +98,4 @@ def test_save_graphs_dumps_the_compiled_graphs_into_the_run_directory(demo_data,
     graphs = list((out / "graphs").rglob("*.ir"))
     assert graphs, f"no .ir files under {out / 'graphs'}"
     assert not (tmp_path / "output").exists()  # MindFormers' log is not written into the working directory
+    assert list((out / "mindformers_log").rglob("*.log"))  # but under the run's output directory

@@ -180,7 +180,8 @@ def _generate_from_config(args: argparse.Namespace) -> int:
                                 f"(override it with --{key}=VALUE)")
     stem = os.path.splitext(os.path.basename(args.input or ""))[0]
     output = _check_request(args, os.path.join(job.output_dir, f"{stem}.answers.jsonl"))
-    os.environ.setdefault("LOG_MF_PATH", os.path.join(job.output_dir, "mindformers_log"))
+    from telechat_ms.runtime_env import use_log_dir
+    use_log_dir(job.output_dir)
     options = _options(args)
     options.setdefault("seed", job.seed)
     if job.model_parallel:

@@ -6,6 +6,23 @@ import argparse
 
 def _serve(args: argparse.Namespace) -> int:
     from telechat_ms.errors import ConfigError
+    job = None
+    if args.config:
+        from telechat_ms.parallel.predict_job import load_predict_job
+        from telechat_ms.runtime_env import use_log_dir
+        for given, flag, key in ((args.model_dir, "MODEL_DIR", "load_checkpoint"),
+                                 (args.device_target, "--device-target", "context.device_target"),
+                                 (args.max_batch_size, "--max-batch-size", "runner_config.batch_size"),
+                                 (args.max_model_len, "--max-model-len", "model.model_config.seq_length")):
+            if given:
+                raise ConfigError(f"{flag} is not used with --config: the YAML's {key} says it "
+                                  f"(override it with --{key}=VALUE)")
+        job = load_predict_job(args.config, args.overrides)
+        use_log_dir(job.output_dir)       # before the server's imports bring MindFormers in
+    elif args.overrides:
+        raise ConfigError(f"{args.overrides[0]}: --key.path=value overrides need --config PREDICT.yaml")
+    elif not args.model_dir:
+        raise ConfigError("give MODEL_DIR or --config PREDICT.yaml")
     from telechat_ms.serve.server import ServeConfig, run, run_job
     cfg = ServeConfig(model_dir=args.model_dir or "", tokenizer=args.tokenizer,
                       served_model_name=args.served_model_name, host=args.host, port=args.port,
@@ -13,21 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
                       max_queue=args.max_queue, api_key=args.api_key, use_jit=not args.no_jit,
                       warmup=not args.no_warmup, device_target=args.device_target, cpu_threads=args.cpu_threads,
                       batch_window_ms=args.batch_window_ms)
-    if not args.config:
-        if args.overrides:
-            raise ConfigError(f"{args.overrides[0]}: --key.path=value overrides need --config PREDICT.yaml")
-        if not args.model_dir:
-            raise ConfigError("give MODEL_DIR or --config PREDICT.yaml")
-        return run(cfg)
-    from telechat_ms.parallel.predict_job import load_predict_job
-    for given, flag, key in ((args.model_dir, "MODEL_DIR", "load_checkpoint"),
-                             (args.device_target, "--device-target", "context.device_target"),
-                             (args.max_batch_size, "--max-batch-size", "runner_config.batch_size"),
-                             (args.max_model_len, "--max-model-len", "model.model_config.seq_length")):
-        if given:
-            raise ConfigError(f"{flag} is not used with --config: the YAML's {key} says it "
-                              f"(override it with --{key}=VALUE)")
-    return run_job(load_predict_job(args.config, args.overrides), cfg)
+    return run(cfg) if job is None else run_job(job, cfg)
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:

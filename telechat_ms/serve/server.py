@@ -227,9 +227,7 @@ def run_job(job, cfg: ServeConfig) -> int:
     HTTP port and its engine drives every rank in lockstep (the others replay its steps; while idle it keeps them
     alive). Prompt log-probs need the full forward, which the model-parallel build does not compile: there
     /v1/completions with echo + logprobs answers 400."""
-    from telechat_ms.backend import use_log_dir
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    use_log_dir(job.output_dir)
     if job.parallel.parallel_mode == "data_parallel":
         raise ConfigError(f"{job.source}: parallel.parallel_mode data_parallel: serve one replica per device "
                           "(one stand_alone serve each, behind a load balancer); one server cannot own several")

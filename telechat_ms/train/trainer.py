@@ -113,12 +113,12 @@ def train(job: JobConfig) -> TrainResult:
     preflight(job)
     import mindspore as ms
     from mindspore import Tensor
-    from telechat_ms.backend import use_log_dir as backend_log_dir
+    from telechat_ms.runtime_env import use_log_dir
     from telechat_ms.parallel.context import setup_context
     from telechat_ms.train.loader import BatchLoader
     from telechat_ms.train.runner import AccumulatingRunner, SemiAutoRunner
 
-    backend_log_dir(job.output_dir)
+    use_log_dir(job.output_dir)   # before anything imports MindFormers
     run = setup_context(job.context, job.parallel, job.parallel_config, job.source, job.output_dir)
     runner = job.runner_config
     sharded = run.parallel_mode in ("semi_auto_parallel", "auto_parallel")
