@@ -169,15 +169,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _generate_from_config(args: argparse.Namespace) -> int:
     """generate --config PREDICT.yaml: one process, data-parallel replicas, or model parallel in lockstep."""
-    from telechat_ms.parallel.predict_job import load_predict_job
+    from telechat_ms.parallel.predict_job import load_predict_job, reject_flags
     job = load_predict_job(args.config, args.overrides)
-    for given, flag, key in ((args.model_dir, "MODEL_DIR", "load_checkpoint"),
-                             (args.device_target, "--device-target", "context.device_target"),
-                             (args.data_parallel, "--data-parallel", "parallel.parallel_mode"),
-                             (args.batch_size, "--batch-size", "runner_config.batch_size")):
-        if given:
-            raise TeleChatError(f"{flag} is not used with --config: the YAML's {key} says it "
-                                f"(override it with --{key}=VALUE)")
+    reject_flags([(args.model_dir, "MODEL_DIR", "load_checkpoint"),
+                  (args.device_target, "--device-target", "context.device_target"),
+                  (args.data_parallel, "--data-parallel", "parallel.parallel_mode"),
+                  (args.batch_size, "--batch-size", "runner_config.batch_size")])
     stem = os.path.splitext(os.path.basename(args.input or ""))[0]
     output = _check_request(args, os.path.join(job.output_dir, f"{stem}.answers.jsonl"))
     from telechat_ms.runtime_env import use_log_dir

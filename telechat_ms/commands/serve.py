@@ -8,15 +8,12 @@ def _serve(args: argparse.Namespace) -> int:
     from telechat_ms.errors import ConfigError
     job = None
     if args.config:
-        from telechat_ms.parallel.predict_job import load_predict_job
+        from telechat_ms.parallel.predict_job import load_predict_job, reject_flags
         from telechat_ms.runtime_env import use_log_dir
-        for given, flag, key in ((args.model_dir, "MODEL_DIR", "load_checkpoint"),
-                                 (args.device_target, "--device-target", "context.device_target"),
-                                 (args.max_batch_size, "--max-batch-size", "runner_config.batch_size"),
-                                 (args.max_model_len, "--max-model-len", "model.model_config.seq_length")):
-            if given:
-                raise ConfigError(f"{flag} is not used with --config: the YAML's {key} says it "
-                                  f"(override it with --{key}=VALUE)")
+        reject_flags([(args.model_dir, "MODEL_DIR", "load_checkpoint"),
+                      (args.device_target, "--device-target", "context.device_target"),
+                      (args.max_batch_size, "--max-batch-size", "runner_config.batch_size"),
+                      (args.max_model_len, "--max-model-len", "model.model_config.seq_length")])
         job = load_predict_job(args.config, args.overrides)
         use_log_dir(job.output_dir)       # before the server's imports bring MindFormers in
     elif args.overrides:

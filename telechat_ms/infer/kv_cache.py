@@ -58,11 +58,11 @@ class CachedStep(nn.Cell):
     graph inputs was measured to recompile for every new cache anyway (and to run slower).
     """
 
-    def __init__(self, lm, cache: KVCache):
+    def __init__(self, lm, k_caches: ParameterTuple, v_caches: ParameterTuple):
         super().__init__(auto_prefix=False)  # never rename the model's parameters (checkpoint contract)
         self.lm = lm
-        self.k_caches = cache.k
-        self.v_caches = cache.v
+        self.k_caches = k_caches
+        self.v_caches = v_caches
 
     def construct(self, input_ids, cos, sin, attn_mask, cache_index, last_index):
         return self.lm.forward_with_cache(input_ids, cos, sin, attn_mask, self.k_caches, self.v_caches,
@@ -92,7 +92,7 @@ class CacheStepper:
         cfg = model.config
         self.cfg, self.batch, self.max_len = cfg, batch, max_len
         self.cache = KVCache(cfg.n_layer, batch, cfg.num_key_value_heads, max_len, cfg.head_dim, cfg.compute_dtype)
-        self.cell = (JitCachedStep if use_jit else CachedStep)(model, self.cache)
+        self.cell = (JitCachedStep if use_jit else CachedStep)(model, self.cache.k, self.cache.v)
 
     def step(self, ids: np.ndarray, positions: np.ndarray, totals: np.ndarray, slots: np.ndarray,
              first_slot: np.ndarray, last: int) -> np.ndarray:

@@ -27,33 +27,11 @@ from mindspore.ops import operations as P
 from telechat_ms.backend import ms_dtype
 from telechat_ms.checkpoint_io import checkpoint_entries, convert_dtype
 from telechat_ms.errors import CheckpointError, ConfigError
+from telechat_ms.infer.kv_cache import CachedStep, JitCachedStep
 from telechat_ms.parallel.parallelize import AppliedPredict
 from telechat_ms.parallel.strategies import Shard, apply_strategies, cache_clear_strategies
 from telechat_ms.positions import cache_inputs
 from telechat_ms.weights import canonical_entries, hf_to_ms
-
-
-class PredictStep(nn.Cell):
-    """One forward of new tokens through the model with its sharded kv caches (the caches are attributes)."""
-
-    def __init__(self, lm, k_caches: ParameterTuple, v_caches: ParameterTuple):
-        super().__init__(auto_prefix=False)  # never rename the model's parameters (checkpoint contract)
-        self.lm = lm
-        self.k_caches = k_caches
-        self.v_caches = v_caches
-
-    def construct(self, input_ids, cos, sin, attn_mask, cache_index, last_index):
-        return self.lm.forward_with_cache(input_ids, cos, sin, attn_mask, self.k_caches, self.v_caches,
-                                          cache_index, last_index)
-
-
-class JitPredictStep(PredictStep):
-    """The same step compiled (PyNative callers; under GRAPH_MODE every cell compiles anyway)."""
-
-    @ms.jit
-    def construct(self, input_ids, cos, sin, attn_mask, cache_index, last_index):
-        return self.lm.forward_with_cache(input_ids, cos, sin, attn_mask, self.k_caches, self.v_caches,
-                                          cache_index, last_index)
 
 
 class ClearSlots(nn.Cell):
@@ -99,7 +77,7 @@ class ModelParallelStepper:
             raise ValueError("ModelParallelStepper needs a model prepared by parallelize_predict")
         self.cfg, self.batch, self.max_len, self.applied = cfg, batch, max_len, applied
         self.k_caches, self.v_caches = _caches(cfg, batch, max_len, "key"), _caches(cfg, batch, max_len, "value")
-        self.cell = (JitPredictStep if use_jit else PredictStep)(model, self.k_caches, self.v_caches)
+        self.cell = (JitCachedStep if use_jit else CachedStep)(model, self.k_caches, self.v_caches)
         self.clear = (JitClearSlots if use_jit else ClearSlots)(self.k_caches, self.v_caches)
         self.clear_table = cache_clear_strategies(applied.dims)
         apply_strategies(self.clear, self.clear_table)

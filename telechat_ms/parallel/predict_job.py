@@ -121,6 +121,15 @@ def check_predict_values(job: JobConfig, given: list[str] | None = None) -> None
                           "predict job holds one replica; launch one job per replica")
 
 
+def reject_flags(given: list[tuple[Any, str, str]]) -> None:
+    """(value, flag, key) of command-line options a predict YAML decides: any given one is an error naming the key
+    to override instead (generate --config, serve --config)."""
+    for value, flag, key in given:
+        if value:
+            raise ConfigError(f"{flag} is not used with --config: the YAML's {key} says it "
+                              f"(override it with --{key}=VALUE)")
+
+
 def load_predict_job(path: str, overrides: list[str] | None = None) -> PredictJob:
     """Read a predict YAML with `key.path=value` overrides; every key must be one a predict job reads."""
     job = load_job_config(path, overrides)   # types, sections, line numbers in its errors

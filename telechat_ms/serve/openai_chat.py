@@ -12,8 +12,8 @@ from telechat_ms.serve.async_engine import Submission
 from telechat_ms.serve.output import TokenLogprob
 from telechat_ms.serve.params import reject_unsupported, sampling_params
 from telechat_ms.serve.protocol import APIError, ChatCompletionRequest, ChatMessage, error_body
-from telechat_ms.serve.state import (ClientGone, ServeState, check_model, collect, render_chat, request_id,
-                                     resolve_max_tokens, sse, state_of, submit, token_text, usage)
+from telechat_ms.serve.state import (ClientGone, ServeState, check_model, chunk_writer, collect, render_chat,
+                                     request_id, resolve_max_tokens, sse, state_of, submit, token_text, usage)
 from telechat_ms.serve.tool_parser import ToolCallStream, parse_tool_calls
 
 router = APIRouter()
@@ -107,12 +107,7 @@ async def _stream(state: ServeState, req: ChatCompletionRequest, sub: Submission
                   include_usage: bool, prompt: list[int]) -> AsyncIterator[str]:
     created, n = _now(), req.n
 
-    def chunk(choices: list[dict[str, Any]], with_usage: dict[str, int] | None = None) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                "choices": choices}
-        if include_usage:
-            body["usage"] = with_usage
-        return sse(body)
+    chunk = chunk_writer(rid, "chat.completion.chunk", created, state.model_name, include_usage)
 
     filters = [ToolCallStream() for _ in range(n)] if parse else None
     contexts: list[list[int]] = [list(prompt[-4:]) for _ in range(n)]

@@ -15,8 +15,8 @@ from telechat_ms.serve.engine import EngineStopped
 from telechat_ms.serve.output import TokenLogprob
 from telechat_ms.serve.params import reject_unsupported, sampling_params
 from telechat_ms.serve.protocol import APIError, CompletionRequest, error_body
-from telechat_ms.serve.state import (ClientGone, ServeState, check_model, check_token_ids, collect, encode_text,
-                                     request_id, resolve_max_tokens, sse, state_of, submit, token_text,
+from telechat_ms.serve.state import (ClientGone, ServeState, check_model, check_token_ids, chunk_writer, collect,
+                                     encode_text, request_id, resolve_max_tokens, sse, state_of, submit, token_text,
                                      until_disconnect, usage)
 
 router = APIRouter()
@@ -160,12 +160,7 @@ async def _stream(state: ServeState, req: CompletionRequest, prompts: list[Promp
     created, total = int(time.time()), len(prompts) * req.n
     want_lp = req.logprobs is not None
 
-    def chunk(choices: list[dict[str, Any]], with_usage: dict[str, int] | None = None) -> str:
-        body = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-                "choices": choices}
-        if include_usage:
-            body["usage"] = with_usage
-        return sse(body)
+    chunk = chunk_writer(rid, "text_completion", created, state.model_name, include_usage)
 
     writers = []
     for index in range(total):

@@ -189,6 +189,17 @@ async def collect(request: Request, sub: Submission, count: int) -> list[ChoiceR
     return results
 
 
+def chunk_writer(rid: str, obj: str, created: int, model: str, include_usage: bool):
+    """chunk(choices, usage) -> one SSE event of a streamed response (`usage` present when asked for: null until
+    the final chunk, as the OpenAI API streams it)."""
+    def chunk(choices: list[dict[str, Any]], with_usage: dict[str, int] | None = None) -> str:
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+        if include_usage:
+            body["usage"] = with_usage
+        return sse(body)
+    return chunk
+
+
 def sse(obj: Any) -> str:
     """One server-sent event carrying JSON."""
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
