@@ -8,6 +8,7 @@ import os
 import sys
 
 LOG_ENV = "LOG_MF_PATH"
+DEFAULTED_ENV = "TELECHAT_MS_LOG_MF_DEFAULT"   # holds LOG_MF_PATH's value when telechat_ms chose it, not the user
 DEFAULT_LOG_DIR = os.path.join(os.path.expanduser("~"), ".cache", "telechat_ms", "mindformers_log")
 
 
@@ -18,11 +19,19 @@ def set_defaults() -> None:
 
 def use_log_dir(path: str) -> None:
     """Send MindFormers' log files under `path`/mindformers_log: effective only before MindFormers is imported
-    (the trainer and the predict / serve jobs call it with their output_dir first thing)."""
-    if "mindformers" not in sys.modules:
-        os.environ.setdefault(LOG_ENV, os.path.join(os.path.abspath(path), "mindformers_log"))
+    (the trainer and the predict / serve jobs call it with their output_dir first thing). A LOG_MF_PATH the user
+    set wins; the cache default a parent process set (and its children inherited) does not."""
+    if "mindformers" in sys.modules:
+        return
+    current = os.environ.get(LOG_ENV)
+    if current is None or os.environ.get(DEFAULTED_ENV) == current:
+        os.environ[LOG_ENV] = os.path.join(os.path.abspath(path), "mindformers_log")
+        os.environ.pop(DEFAULTED_ENV, None)
 
 
 def mindformers_log_dir() -> str:
-    """Where MindFormers' log goes once it is imported (sets the cache default when nothing else did)."""
-    return os.environ.setdefault(LOG_ENV, DEFAULT_LOG_DIR)
+    """Where MindFormers' log goes once it is imported (the cache default when neither the user nor a run set it;
+    the default is marked as ours so a child process's run may replace it)."""
+    if LOG_ENV not in os.environ:
+        os.environ[LOG_ENV] = os.environ[DEFAULTED_ENV] = DEFAULT_LOG_DIR
+    return os.environ[LOG_ENV]

@@ -93,9 +93,26 @@ def test_save_graphs_dumps_the_compiled_graphs_into_the_run_directory(demo_data,
            f"--model.model_config.vocab_size={demo_data['vocab_size']}", "--model.model_config.seq_length=64",
            "--runner_config.max_steps=1", "--context.save_graphs=true", "--callbacks.tensorboard=false",
            "--callbacks.loss_curve=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    from telechat_ms import runtime_env
+    inherited = {runtime_env.LOG_ENV: runtime_env.DEFAULT_LOG_DIR,   # as a parent that imported MindFormers leaves it
+                 runtime_env.DEFAULTED_ENV: runtime_env.DEFAULT_LOG_DIR}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, **inherited})
     assert proc.returncode == 0, proc.stderr[-2000:]
     graphs = list((out / "graphs").rglob("*.ir"))
     assert graphs, f"no .ir files under {out / 'graphs'}"
     assert not (tmp_path / "output").exists()  # MindFormers' log is not written into the working directory
     assert list((out / "mindformers_log").rglob("*.log"))  # but under the run's output directory
+
+
+def test_a_log_dir_the_user_set_wins_over_the_runs(monkeypatch, tmp_path):
+    import sys as _sys
+    from telechat_ms import runtime_env
+    monkeypatch.delitem(_sys.modules, "mindformers", raising=False)   # as before MindFormers is first imported
+    monkeypatch.setenv(runtime_env.LOG_ENV, "/user/choice")
+    monkeypatch.delenv(runtime_env.DEFAULTED_ENV, raising=False)
+    runtime_env.use_log_dir(str(tmp_path))
+    assert os.environ[runtime_env.LOG_ENV] == "/user/choice"
+    monkeypatch.delenv(runtime_env.LOG_ENV)
+    runtime_env.use_log_dir(str(tmp_path))
+    assert os.environ[runtime_env.LOG_ENV] == str(tmp_path / "mindformers_log")
