@@ -117,9 +117,9 @@ def test_plan_cli_is_registered_and_exit_codes(capsys):
 LAUNCHER = os.path.join(REPO, "run_scripts", "msrun_train_multinode.sh")
 
 
-def _launch(*args: str) -> subprocess.CompletedProcess:
+def _launch(*args: str, launcher: str = LAUNCHER) -> subprocess.CompletedProcess:
     env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable}
-    return subprocess.run(["bash", LAUNCHER, *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(["bash", launcher, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 def test_multinode_launcher_refuses_a_mismatched_launch_and_builds_msrun_for_a_valid_one():
@@ -207,8 +207,7 @@ PREDICT_LAUNCHER = os.path.join(REPO, "run_scripts", "msrun_predict.sh")
 
 
 def _predict_launch(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable}
-    return subprocess.run(["bash", PREDICT_LAUNCHER, *args], capture_output=True, text=True, env=env, timeout=120)
+    return _launch(*args, launcher=PREDICT_LAUNCHER)
 
 
 def test_predict_launcher_checks_the_worker_count_against_the_yaml_and_builds_msrun():

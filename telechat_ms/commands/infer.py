@@ -54,11 +54,7 @@ def _set_device(target: str | None) -> None:
 def _tokenizer(path: str, model):
     """The tokenizer at path (tokenizer.model or its directory), checked against the model's vocabulary."""
     from telechat_ms.data.tokenizer import TeleChatTokenizer
-    tokenizer = TeleChatTokenizer.from_pretrained(path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise TeleChatError(f"{tokenizer.model_file}: {tokenizer.vocab_size} pieces, but the model's vocab_size is "
-                            f"{model.config.vocab_size}")
-    return tokenizer
+    return TeleChatTokenizer.for_model(path, model.config.vocab_size)
 
 
 def _load(args: argparse.Namespace):

@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from telechat_ms import special_tokens as st
-from telechat_ms.errors import DataError
+from telechat_ms.errors import ConfigError, DataError
 from telechat_ms.io import atomic_write_text
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -54,6 +54,16 @@ class TeleChatTokenizer:
     def from_pretrained(cls, path: str) -> "TeleChatTokenizer":
         """Load from a tokenizer.model file or a directory holding one (HF-style entry point)."""
         return cls(path)
+
+    @classmethod
+    def for_model(cls, path: str, vocab_size: int) -> "TeleChatTokenizer":
+        """The tokenizer at path, checked against a model's vocab_size (a tokenizer with more pieces than the
+        model has rows would produce ids the model cannot embed)."""
+        tokenizer = cls(path)
+        if tokenizer.vocab_size > vocab_size:
+            raise ConfigError(f"{tokenizer.model_file}: {tokenizer.vocab_size} pieces, but the model's vocab_size "
+                              f"is {vocab_size}")
+        return tokenizer
 
     def _load(self) -> None:
         """Build the SentencePiece processor from the stored model bytes and check the special ids."""

@@ -70,29 +70,33 @@ def set_runtime(device_target: str | None, cpu_threads: int | None) -> None:
         ms.device_context.cpu.op_tuning.threads_num(cpu_threads)
 
 
-def build_state(cfg: ServeConfig) -> ServeState:
-    """Load model + tokenizer, start the engine (compiling its graphs when warmup is on)."""
+def start_state(cfg: ServeConfig, model, checkpoint: str, factory: StepperFactory, max_model_len: int,
+                max_batch_size: int, scorer: Scorer | None, on_idle=None) -> ServeState:
+    """The tokenizer (checked against the model), the engine over `factory` (started: compiling its graphs when
+    warmup is on) and the served state, for a model loaded from `checkpoint`."""
     from telechat_ms.data.tokenizer import TeleChatTokenizer
+    tokenizer = TeleChatTokenizer.for_model(cfg.tokenizer or checkpoint, model.config.vocab_size)
+    engine = Engine(factory, tokenizer, tokenizer.vocab_size, max_model_len, max_batch_size=max_batch_size,
+                    max_queue=cfg.max_queue, scorer=scorer, pad_token_id=model.config.pad_token_id,
+                    warmup=cfg.warmup, batch_window=cfg.batch_window_ms / 1000.0, on_idle=on_idle)
+    engine.start()
+    return ServeState(engine, tokenizer, cfg.served_model_name or checkpoint,
+                      GenerationConfig.from_pretrained(checkpoint), checkpoint, cfg.api_key)
+
+
+def build_state(cfg: ServeConfig) -> ServeState:
+    """Load model + tokenizer from cfg.model_dir, start the engine over a local CacheStepper."""
     from telechat_ms.model.telechat import TeleChatForCausalLM
     set_runtime(cfg.device_target, cfg.cpu_threads)
     for name, value, low in (("--max-batch-size", cfg.max_batch_size, 1), ("--max-queue", cfg.max_queue, 0)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
-    tokenizer = TeleChatTokenizer.from_pretrained(cfg.tokenizer or cfg.model_dir)
     model = TeleChatForCausalLM.from_pretrained(cfg.model_dir)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(f"{tokenizer.model_file}: {tokenizer.vocab_size} pieces, but the model's vocab_size is "
-                          f"{model.config.vocab_size}")
     max_model_len = cfg.max_model_len or model.config.seq_length
     if max_model_len < 2:
         raise ConfigError(f"--max-model-len must be >= 2, got {max_model_len}")
-    engine = Engine(local_stepper_factory(model, cfg.use_jit), tokenizer, tokenizer.vocab_size, max_model_len,
-                    max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, scorer=full_forward_scorer(model),
-                    pad_token_id=model.config.pad_token_id, warmup=cfg.warmup,
-                    batch_window=cfg.batch_window_ms / 1000.0)
-    engine.start()
-    return ServeState(engine, tokenizer, cfg.served_model_name or cfg.model_dir,
-                      GenerationConfig.from_pretrained(cfg.model_dir), cfg.model_dir, cfg.api_key)
+    return start_state(cfg, model, cfg.model_dir, local_stepper_factory(model, cfg.use_jit), max_model_len,
+                       cfg.max_batch_size, full_forward_scorer(model))
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -208,18 +212,8 @@ def job_state(job, cfg: ServeConfig, model, stepper, scorer: Scorer | None,
     """Engine + state over a predict job's stepper: its rows are runner_config.batch_size, its kv cache
     model.model_config.seq_length slots (the last one the scratch slot), so a request's prompt + answer may take
     seq_length - 1 tokens."""
-    from telechat_ms.data.tokenizer import TeleChatTokenizer
-    tokenizer = TeleChatTokenizer.from_pretrained(cfg.tokenizer or job.load_checkpoint)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(f"{tokenizer.model_file}: {tokenizer.vocab_size} pieces, but the model's vocab_size is "
-                          f"{model.config.vocab_size}")
-    engine = Engine(fixed_stepper_factory(stepper), tokenizer, tokenizer.vocab_size, stepper.max_len - 1,
-                    max_batch_size=stepper.batch, max_queue=cfg.max_queue, scorer=scorer,
-                    pad_token_id=model.config.pad_token_id, warmup=cfg.warmup,
-                    batch_window=cfg.batch_window_ms / 1000.0, on_idle=on_idle)
-    engine.start()
-    return ServeState(engine, tokenizer, cfg.served_model_name or job.load_checkpoint,
-                      GenerationConfig.from_pretrained(job.load_checkpoint), job.load_checkpoint, cfg.api_key)
+    return start_state(cfg, model, job.load_checkpoint, fixed_stepper_factory(stepper), stepper.max_len - 1,
+                       stepper.batch, scorer, on_idle=on_idle)
 
 
 def run_job(job, cfg: ServeConfig) -> int:
