@@ -18,7 +18,8 @@ def _eval(args: argparse.Namespace) -> int:
     opts = EvalOptions(tasks=names, data_dir=args.data_dir, output=args.output, num_fewshot=args.num_fewshot,
                        limit=args.limit, log_samples=args.log_samples, resume=args.resume,
                        allow_code_execution=args.allow_code_execution, code_timeout=args.code_timeout,
-                       code_memory_mb=args.code_memory_mb, progress=not args.no_progress)
+                       code_memory_mb=args.code_memory_mb, progress=not args.no_progress,
+                       max_gen_toks=args.max_gen_toks)
     from telechat_ms.eval.runner import check_tasks
     check_tasks(names, opts)
     if args.config:
@@ -52,6 +53,11 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _harness(args: argparse.Namespace) -> int:
+    from telechat_ms.eval.harness import run_cli
+    return run_cli(list(args.lm_eval_args))
+
+
 def register(subparsers: "argparse._SubParsersAction") -> None:
     """Add eval and harness."""
     p = subparsers.add_parser(
@@ -70,6 +76,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--num-fewshot", type=int, default=None, help="shots per prompt (default: the task's: 5 for "
                    "C-Eval/MMLU/CMMLU/GSM8K, 3 for BBH/MBPP, 0 otherwise)")
     p.add_argument("--limit", type=int, default=None, help="the first N samples of each task (perplexity: N batches)")
+    p.add_argument("--max-gen-toks", type=int, default=None, help="cap on generated tokens per sample (default: the "
+                   "task's: 256 GSM8K, 1024 BBH/HumanEval/MT-bench, 512 MBPP, 1280 IFEval)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward and engine rows (default 8)")
     p.add_argument("--output", default="eval_out", help="output directory (default ./eval_out)")
     p.add_argument("--log-samples", action="store_true", help="write OUT/samples_TASK.jsonl, one line per sample")
@@ -86,3 +94,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval, takes_overrides=True, overrides=[])
+
+    h = subparsers.add_parser(
+        "harness", allow_abbrev=False, add_help=False, help="lm-eval's CLI with the telechat_ms model registered",
+        description="Run lm-evaluation-harness (0.4.13) with `--model telechat_ms --model_args pretrained=DIR` (or "
+                    "config=PREDICT.yaml); every argument goes to lm-eval (try: telechat-ms harness --help).")
+    h.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval's arguments")
+    h.set_defaults(func=_harness)

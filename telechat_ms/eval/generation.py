@@ -28,11 +28,13 @@ class GenRequest:
 
 
 def fit(prompt_ids: list[int], max_tokens: int, max_model_len: int) -> tuple[list[int], int]:
-    """Prompt and budget that fit the engine's rows: the budget capped to leave one prompt token, the prompt cut
-    from the left (lm-eval's HF model keeps the last max_length - max_gen_toks tokens)."""
+    """Prompt and budget that fit the engine's rows: a prompt that fits is kept whole and the budget capped to the
+    room left (as `serve` caps a default max_tokens); a longer one keeps its last tokens, leaving room for the
+    budget (lm-eval's HF model keeps the last max_length - max_gen_toks)."""
     budget = max(1, min(max_tokens, max_model_len - 1))
-    keep = max_model_len - budget
-    return list(prompt_ids[-keep:]), budget
+    if len(prompt_ids) < max_model_len:
+        return list(prompt_ids), min(budget, max_model_len - len(prompt_ids))
+    return list(prompt_ids[-(max_model_len - budget):]), budget
 
 
 def generate_greedy(engine: Engine, requests: Seq[GenRequest], stop_token_ids: Seq[int],

@@ -65,6 +65,7 @@ class EvalOptions:
     code_timeout: float = DEFAULT_TIMEOUT
     code_memory_mb: int = DEFAULT_MEMORY_MB
     progress: bool = True
+    max_gen_toks: int | None = None     # caps every task's generation budget
     chunk: int = 64                     # samples per persisted step
     rank: int = 0                       # data-parallel replicas: this one scores doc_id % world == rank
     world: int = 1
@@ -126,24 +127,27 @@ def _score_mc(em: EvalModel, samples: list[Sample]) -> list[dict[str, Any]]:
     return [{"loglikelihoods": results[s.doc_id], "generation": None} for s in samples]
 
 
-def _generate(em: EvalModel, samples: list[Sample]) -> list[dict[str, Any]]:
+def _generate(em: EvalModel, samples: list[Sample], cap: int | None = None) -> list[dict[str, Any]]:
     enc = em.tokenizer.encode
+
+    def budget(s: Sample) -> int:
+        return s.max_gen_toks if cap is None else min(cap, s.max_gen_toks)
     if samples and samples[0].turns is not None:            # multi-turn (MT-bench)
         answers: list[list[str]] = [[] for _ in samples]
         for turn in range(max(len(s.turns or []) for s in samples)):
             idx = [i for i, s in enumerate(samples) if turn < len(s.turns or [])]
             reqs = [GenRequest(enc(chat_prompt(samples[i].turns, answers[i])), samples[i].until,
-                               samples[i].max_gen_toks) for i in idx]
+                               budget(samples[i])) for i in idx]
             for i, text in zip(idx, generate_greedy(em.engine, reqs, em.stop_ids)):
                 answers[i].append(text)
         return [{"loglikelihoods": None, "generation": a} for a in answers]
-    reqs = [GenRequest(enc(s.prompt), s.until, s.max_gen_toks) for s in samples]
+    reqs = [GenRequest(enc(s.prompt), s.until, budget(s)) for s in samples]
     texts = generate_greedy(em.engine, reqs, em.stop_ids)
     return [{"loglikelihoods": None, "generation": t} for t in texts]
 
 
 def _run_chunk(em: EvalModel, spec, samples: list[Sample], opts: EvalOptions) -> list[dict[str, Any]]:
-    results = _score_mc(em, samples) if spec.kind == "multiple_choice" else _generate(em, samples)
+    results = _score_mc(em, samples) if spec.kind == "multiple_choice" else _generate(em, samples, opts.max_gen_toks)
     if spec.kind == "code":
         programs = [code_task.program(s, r["generation"])[1] for s, r in zip(samples, results)]
         for r, run in zip(results, run_programs(programs, opts.code_timeout, opts.code_memory_mb)):
@@ -168,6 +172,8 @@ def check_tasks(names: list[str], opts: EvalOptions) -> None:
                               "for untrusted models)")
     if opts.limit is not None and opts.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {opts.limit}")
+    if opts.max_gen_toks is not None and opts.max_gen_toks < 1:
+        raise ConfigError(f"--max-gen-toks must be >= 1, got {opts.max_gen_toks}")
     if opts.num_fewshot is not None and opts.num_fewshot < 0:
         raise ConfigError(f"--num-fewshot must be >= 0, got {opts.num_fewshot}")
 
