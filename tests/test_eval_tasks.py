@@ -210,3 +210,14 @@ def test_sandbox_runs_in_a_fresh_temporary_directory():
     assert res.passed
     cwd = res.output.strip()
     assert "telechat-sandbox-" in cwd and not os.path.exists(cwd)
+
+
+def test_nothing_below_eval_imports_it():
+    """ARCHITECTURE: eval/ sits beside serve/ (it drives the engine); only the CLI imports it."""
+    from tests.test_architecture import _graph
+    graph = _graph()
+    users = sorted(m for m, deps in graph.items() if any(d.startswith("telechat_ms.eval") for d in deps)
+                   and not m.startswith(("telechat_ms.eval", "telechat_ms.commands", "telechat_ms.cli")))
+    assert users == []
+    assert not any(d.startswith(("telechat_ms.commands", "telechat_ms.cli")) for m, deps in graph.items()
+                   if m.startswith("telechat_ms.eval") for d in deps)
