@@ -20,7 +20,7 @@ import numpy as np
 
 from telechat_ms.special_tokens import BOS_ID
 
-# rows [B, W] int32, positions [B, P] int32 (the cells read), gather [B, P, K] int32 (ids read there), lengths [B]
+# rows [B, W] int32, positions [B, P] int32 (the cells read, -1 none), gather [B, P, K] int32 (ids read), lengths [B]
 #   -> (log-probs [B, P, K] of the gathered ids, argmax [B, P]); the LM head runs on the read positions only
 BatchForward = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -99,7 +99,7 @@ class LoglikelihoodScorer:
             npos = max(len(c) for c in cells)
             k = max(len(s) for r in batch for s in r.gather.values())
             ids = np.full((len(batch), width), self.pad_id, np.int32)
-            positions = np.zeros((len(batch), npos), np.int32)
+            positions = np.full((len(batch), npos), -1, np.int32)       # -1: no cell (rows read fewer)
             gather = np.zeros((len(batch), npos, k), np.int32)
             lengths = np.array([len(r.ids) for r in batch], np.int64)
             for b, row in enumerate(batch):
@@ -156,7 +156,60 @@ def local_forward(model) -> BatchForward:
             c, s = tables_for(cfg, int(n), int(n))
             cos[i, 0, :n], sin[i, 0, :n] = c, s
         mask = np.broadcast_to(causal_mask(w), (b, 1, w, w)).copy()
+        positions = np.maximum(positions, 0).astype(np.int32)
         logp, argmax = cell(ms.Tensor(ids), ms.Tensor(positions), ms.Tensor(gather), ms.Tensor(cos), ms.Tensor(sin),
                             ms.Tensor(mask))
         return logp.asnumpy().astype(np.float64), argmax.asnumpy()
+    return run
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def stepper_forward(stepper, pad_id: int = 3) -> BatchForward:
+    """BatchForward through a kv-cache stepper with CacheStepper.step's signature: the local one, the model-parallel
+    stepper under the predict strategies (whose build has no full forward), or its single-process emulation.
+
+    Every row is prefilled right-aligned into its own slots 0..n-1 with the rotary tables of its total n, the
+    tables the full forward gives it, so the logits of a column equal the full forward's; a step returns one column
+    (the same for every row), so the rows are stepped once per distinct distance of a read cell from the row's end:
+    once for one-token continuations (multiple choice), k times for k-token ones. Idle rows write the scratch slot.
+    """
+    rows, max_len = stepper.batch, stepper.max_len
+    scratch = max_len - 1
+
+    def run(ids: np.ndarray, positions: np.ndarray, gather: np.ndarray, lengths: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+        b, w = ids.shape
+        if b > rows:
+            raise ValueError(f"{b} rows do not fit the stepper's {rows} (use --batch-size <= {rows})")
+        if w > scratch:
+            raise ValueError(f"a row of {w} tokens does not fit the kv cache's {scratch} slots")
+        step_ids = np.full((rows, w), pad_id, np.int32)
+        pos = np.zeros((rows, w), np.int64)
+        slots = np.full((rows, w), scratch, np.int64)
+        totals = np.ones(rows, np.int64)
+        for i in range(b):
+            n = int(lengths[i])
+            step_ids[i, w - n:] = ids[i, :n]
+            pos[i, w - n:] = np.arange(n)
+            slots[i, w - n:] = np.arange(n)
+            totals[i] = n
+        by_offset: dict[int, list[tuple[int, int]]] = {}
+        for i in range(b):
+            for j in range(positions.shape[1]):
+                if positions[i, j] >= 0:
+                    by_offset.setdefault(int(lengths[i]) - 1 - int(positions[i, j]), []).append((i, j))
+        logp = np.zeros(gather.shape, np.float64)
+        argmax = np.zeros(positions.shape, np.int64)
+        for k, cells in sorted(by_offset.items()):
+            logits = np.asarray(stepper.step(step_ids, pos, totals, slots, np.zeros(rows, np.int64), w - 1 - k))
+            lp = _log_softmax(logits)
+            for i, j in cells:
+                logp[i, j] = lp[i, gather[i, j]]
+                argmax[i, j] = int(np.argmax(logits[i]))
+        return logp, argmax
     return run
