@@ -47,3 +47,7 @@ def test_stepper_scoring_and_emulated_mp2_equal_the_full_forward(ckpt_factory):
     np.testing.assert_allclose(c, b, atol=1e-5, rtol=0)
     assert [x[1] for x in emulated] == [x[1] for x in local]
     assert np.ptp(a) > 0.1          # the scores differ from one another: the comparison can fail
+    # the EvalModel `eval --config` builds on rank 0 of a model-parallel job, over the (here emulated) leader
+    from telechat_ms.eval.model import stepper_eval_model
+    em = stepper_eval_model(model, None, "mp2", ShardedEmulator(cfg, weights, table, 2, ROWS, MAX_LEN))
+    np.testing.assert_allclose([x[0] for x in em.scorer.score(reqs)], a, atol=1e-5, rtol=0)
