@@ -104,7 +104,8 @@ def test_harness_model_matches_lm_eval_hf_on_the_export(setup, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     common = ["--tasks", "tc_mini_mc,tc_mini_rolling", "--include_path", setup["tasks"], "--log_samples"]
     ours = str(setup["root"] / "ours")
-    rc = main(["harness", "run", "--model", "telechat_ms", "--model_args", f"pretrained={setup['ms']},max_length={MAX_LEN}",
+    rc = main(["harness", "run", "--model", "telechat_ms",
+               "--model_args", f"pretrained={setup['ms']},max_length={MAX_LEN}",
                "--output_path", ours, "--batch_size", "4", *common])
     assert rc == 0
     theirs = str(setup["root"] / "theirs")
@@ -112,8 +113,8 @@ def test_harness_model_matches_lm_eval_hf_on_the_export(setup, monkeypatch):
                PYTHONPATH=os.pathsep.join([str(HERE.parent)] + sys.path))
     proc = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
                            f"pretrained={setup['hf']},trust_remote_code=True,dtype=float32,max_length={MAX_LEN}",
-                           "--device", "cpu", "--output_path", theirs, "--batch_size", "1", *common], env=env, capture_output=True,
-                          text=True, timeout=600)
+                           "--device", "cpu", "--output_path", theirs, "--batch_size", "1", *common], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _samples(ours, "tc_mini_mc"), _samples(theirs, "tc_mini_mc")
     assert len(a) == len(b) == 4
