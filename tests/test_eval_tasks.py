@@ -226,3 +226,18 @@ def test_nothing_below_eval_imports_it():
     assert users == []
     assert not any(d.startswith(("telechat_ms.commands", "telechat_ms.cli")) for m, deps in graph.items()
                    if m.startswith("telechat_ms.eval") for d in deps)
+
+
+def test_ifeval_is_scored_by_lm_eval_instruction_checkers():
+    pytest.importorskip("langdetect")
+    from telechat_ms.eval.tasks import ifeval
+    samples = TASKS["ifeval"].load(str(DATA), 0)
+    logs = [ifeval.score(samples[0], {"generation": "The sea is blue and calm today."}),
+            ifeval.score(samples[1], {"generation": '"a small grey cat sleeps in the sun"'})]
+    assert [x["correct"] for x in logs] == [True, True]
+    comma = ifeval.score(samples[0], {"generation": "The sea, blue."})
+    upper = ifeval.score(samples[1], {"generation": "A Small Grey Cat sleeps"})
+    assert not comma["correct"] and upper["ifeval"]["inst_level_strict_acc"] == [False, False]
+    rows = {m.metric: m for m in ifeval.aggregate(samples, [logs[0], upper])}
+    assert rows["prompt_level_strict_acc"].value == 0.5 and rows["prompt_level_strict_acc"].n == 2
+    assert rows["inst_level_strict_acc"].value == pytest.approx(1 / 3) and rows["inst_level_strict_acc"].n == 3
