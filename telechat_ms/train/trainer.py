@@ -61,17 +61,17 @@ def build_model(job: JobConfig):
 
 
 def build_optimizer(opt: OptimizerConfig, learning_rate: float, params: list):
-    """optimizer.type from MindFormers (AdamW: torch AdamW math, bias correction, decoupled decay); norms and biases
-    (optimizer.no_decay_keywords) are not decayed."""
-    from telechat_ms import backend
-    optimizers = {"AdamW": backend.AdamW}
+    """optimizer.type AdamW: torch's AdamW (bias correction, decoupled decay) on MindSpore's fused kernels
+    (telechat_ms.train.optim); norms and biases (optimizer.no_decay_keywords) are not decayed."""
+    from telechat_ms.train.optim import FusedAdamW
+    optimizers = {"AdamW": FusedAdamW}
     decay = [p for p in params if not any(k in p.name for k in opt.no_decay_keywords)]
     no_decay = [p for p in params if any(k in p.name for k in opt.no_decay_keywords)]
     groups = [g for g in ({"params": decay, "weight_decay": opt.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     groups.append({"order_params": params})  # keep the gradients' order (MindSpore regroups otherwise)
     return optimizers[opt.type](groups, learning_rate=learning_rate, betas=tuple(float(b) for b in opt.betas),
-                 eps=float(opt.eps), weight_decay=float(opt.weight_decay))
+                                eps=float(opt.eps), weight_decay=float(opt.weight_decay))
 
 
 class PositionCache:
