@@ -39,15 +39,16 @@ SIZES = {  # layers, hidden, heads, kv heads, ffn, vocab, seq (batch 2, fp32)
 LR, BETAS, EPS, WD = 1e-4, (0.9, 0.95), 1e-8, 0.1
 
 
-def _time(fn, steps: int, warmup: int = 3) -> float:
+def _time(fn, steps: int, warmup: int = 3) -> tuple[float, float]:
+    """(wall, CPU) seconds per step; CPU time (all threads of the process) is the steadier one on a shared box."""
     for _ in range(warmup):
         fn()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(steps):
         fn()
     if hasattr(fn, "flush"):  # telechat_ms: the last step's loss read back, inside the timed span
         fn.flush()
-    return (time.perf_counter() - t) / steps
+    return (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
 
 
 class _Stepper:
@@ -170,8 +171,9 @@ def run_one(a) -> None:
     if a.profile:
         _profile(fn, a.profile)
         return
-    sec = _time(fn, a.steps)
-    print(json.dumps({"impl": a.impl, "ms_per_step": round(sec * 1e3, 2), "tokens_per_s": round(ids.size / sec)}))
+    sec, cpu = _time(fn, a.steps)
+    print(json.dumps({"impl": a.impl, "ms_per_step": round(sec * 1e3, 2), "cpu_ms_per_step": round(cpu * 1e3, 2),
+                      "tokens_per_s": round(ids.size / sec)}))
 
 
 def _profile(fn, out_dir: str) -> None:
@@ -199,6 +201,7 @@ def _bench_size(name: str, dims: dict, a, impls: list[str]) -> dict:
     flags = [f"--{k}={v}" for k, v in dims.items()] + [f"--batch={a.batch}", f"--steps={a.steps}",
                                                        f"--threads={a.threads}"]
     runs: dict[str, list[float]] = {impl: [] for impl in impls}
+    cpu: dict[str, list[float]] = {impl: [] for impl in impls}
     for r in range(a.rounds):
         for impl in (impls if r % 2 == 0 else impls[::-1]):
             proc = subprocess.run([sys.executable, __file__, f"--impl={impl}", f"--ckpt={ckpt}", *flags],
@@ -207,29 +210,38 @@ def _bench_size(name: str, dims: dict, a, impls: list[str]) -> dict:
                 raise SystemExit(f"{impl} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
             record = json.loads(proc.stdout.strip().splitlines()[-1])
             runs[impl].append(record["ms_per_step"])
+            cpu[impl].append(record["cpu_ms_per_step"])
             print(json.dumps({"size": name, "round": r, **record}), flush=True)
-    med = {impl: statistics.median(v) for impl, v in runs.items()}
     print(f"[{name}: {dims['layers']} layers, hidden {dims['hidden']}, heads {dims['heads']}/{dims['kv']}, ffn "
-          f"{dims['ffn']}, vocab {dims['vocab']}, batch {a.batch} x seq {dims['seq']}, fp32] median ms/step: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))
-    ratios = {}
-    if "telechat_ms" in runs:
-        ours = runs["telechat_ms"]
-        others = {"torch_reference": "torch eager + AdamW", "mindformers_llama": "MindFormers Llama"}
-        for key, label in others.items():
-            if key in runs:
-                per = [o / t for o, t in zip(ours, runs[key])]
-                ratios[key] = statistics.median(per)
-                print(f"  telechat_ms / {label}: median {ratios[key]:.2f}x (rounds "
-                      + ", ".join(f"{x:.2f}" for x in per) + ")")
-        bare = [k for k in BARE if k in runs]
-        if bare:
-            fastest = [min(runs[k][i] for k in bare) for i in range(a.rounds)]
-            per = [o / b for o, b in zip(ours, fastest)]
-            ratios["fastest_bare"] = statistics.median(per)
-            print(f"  telechat_ms / fastest bare MindSpore step ({' or '.join(bare)}): median "
-                  f"{ratios['fastest_bare']:.2f}x (rounds " + ", ".join(f"{x:.2f}" for x in per) + ")")
-    return {"median_ms": med, "ratios": ratios}
+          f"{dims['ffn']}, vocab {dims['vocab']}, batch {a.batch} x seq {dims['seq']}, fp32]")
+    out = {}
+    for label, table in (("wall", runs), ("cpu", cpu)):
+        med = {impl: statistics.median(v) for impl, v in table.items()}
+        print(f"  median {label} ms/step: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()))
+        out[label] = {"median_ms": med, "ratios": _ratios(table, a.rounds, label)}
+    return out
+
+
+def _ratios(runs: dict[str, list[float]], rounds: int, label: str) -> dict[str, float]:
+    """telechat_ms over each other contender, per round (neighbouring runs) and their median."""
+    ratios: dict[str, float] = {}
+    if "telechat_ms" not in runs:
+        return ratios
+    ours = runs["telechat_ms"]
+    for key, name in (("torch_reference", "torch eager + AdamW"), ("mindformers_llama", "MindFormers Llama")):
+        if key in runs:
+            per = [o / t for o, t in zip(ours, runs[key])]
+            ratios[key] = statistics.median(per)
+            print(f"  {label}: telechat_ms / {name}: median {ratios[key]:.2f}x (rounds "
+                  + ", ".join(f"{x:.2f}" for x in per) + ")")
+    bare = [k for k in BARE if k in runs]
+    if bare:
+        fastest = [min(runs[k][i] for k in bare) for i in range(rounds)]
+        per = [o / b for o, b in zip(ours, fastest)]
+        ratios["fastest_bare"] = statistics.median(per)
+        print(f"  {label}: telechat_ms / fastest bare MindSpore step ({' or '.join(bare)}): median "
+              f"{ratios['fastest_bare']:.2f}x (rounds " + ", ".join(f"{x:.2f}" for x in per) + ")")
+    return ratios
 
 
 def main() -> None:

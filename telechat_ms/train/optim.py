@@ -38,6 +38,15 @@ def _fused_wd_impl(opt, beta1, beta2, lr_t, eps_t, decay_scale, wd, param, m, v,
     return True
 
 
+@_fused_wd.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                    "Tensor", "Bool")
+def _fused_wd_shared_impl(opt, beta1, beta2, lr_t, eps_t, decay_t, param, m, v, grad, optim_filter):
+    """The same with the decay argument computed once for every parameter of its group."""
+    if optim_filter:
+        opt(param, m, v, lr_t, beta1, beta2, eps_t, decay_t, F.cast(grad, F.dtype(param)))
+    return True
+
+
 @_fused_adamw.register("Function", "Float", "Float", "Float", "Tensor", "Tensor", "Float", "Tensor", "Tensor",
                        "Tensor", "Tensor", "Bool")
 def _fused_adamw_impl(opt, beta1, beta2, eps, step, lr, wd, param, m, v, grad, optim_filter):
@@ -79,6 +88,12 @@ class FusedAdamW(nn.Optimizer):
         decays = self.group_weight_decay if self.is_group else [float(weight_decay)] * len(self._parameters)
         self.decays = tuple(Tensor(np.float32(d)) for d in decays)
         self.decay_floats = tuple(float(d) for d in decays)
+        nonzero = sorted({d for d in self.decay_floats if d != 0.0})
+        # one decay value (plus 0 for norms and biases): its kernel argument is computed once per step, not per tensor
+        self.shared_decay = len(nonzero) <= 1
+        self.decay_main = Tensor(np.float32(nonzero[0] if nonzero else 0.0))
+        self.decay_is_main = tuple(d != 0.0 for d in self.decay_floats)
+        self.zero = Tensor(np.float32(0.0))
         self.exp_avg = self._clone("adam_m")
         self.exp_avg_sq = self._clone("adam_v")
         if self.kernel == KERNEL_ADAMW:
@@ -124,6 +139,11 @@ class FusedAdamW(nn.Optimizer):
         # keep = 0: beta = 1 leaves m and v as they are (the gradients are zeroed by the caller), lr_t = 0 the weights
         beta1 = F.reshape(self.select(keep_f > 0.5, self.beta1, self.one), ())
         beta2 = F.reshape(self.select(keep_f > 0.5, self.beta2, self.one), ())
+        if self.shared_decay:
+            decay_t = F.reshape(self.decay_main * decay_scale, ())
+            decays = tuple(decay_t if main else self.zero for main in self.decay_is_main)
+            return self.hyper_map(F.partial(_fused_wd, self.fused, beta1, beta2, lr_t, eps_t), decays,
+                                  self._parameters, self.exp_avg, self.exp_avg_sq, gradients, self.optim_filter)
         return self.hyper_map(F.partial(_fused_wd, self.fused, beta1, beta2, lr_t, eps_t, decay_scale),
                               self.decays, self._parameters, self.exp_avg, self.exp_avg_sq, gradients,
                               self.optim_filter)
