@@ -188,7 +188,38 @@ def _profile(fn, out_dir: str) -> None:
         fn.flush()
     prof.stop()
     prof.analyse()
-    print(json.dumps({"profile": out_dir}))
+    print(json.dumps({"profile": out_dir, "share": summarize_profile(out_dir)}))
+
+
+def _op_kind(op_type: str, scope: str) -> str:
+    if "optimizer" in scope:
+        return "optimizer"
+    if "Finish" in scope:
+        return "norm + clip"
+    if op_type == "MatMul":
+        return "matmuls"
+    if op_type in ("BatchMatMul", "Softmax", "SoftmaxGrad"):
+        return "attention core"
+    if op_type in ("LogSoftmax", "LogSoftmaxGrad", "GatherD", "GatherDGradV2"):
+        return "loss"
+    if op_type in ("Transpose", "Concat", "Tile", "Split", "Slice", "StridedSlice", "Cast", "Reshape", "Stack",
+                   "BroadcastTo", "TensorCopySlices"):
+        return "copies"
+    return "element-wise + reductions"
+
+
+def summarize_profile(out_dir: str) -> dict[str, float]:
+    """Share of kernel time per kind of work, from the profiler's cpu_op_detail_info CSV (all profiled steps)."""
+    import csv
+    import glob
+    shares: dict[str, float] = {}
+    for path in glob.glob(os.path.join(out_dir, "*", "FRAMEWORK", "cpu_op_detail_info_*.csv")):
+        with open(path, encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                kind = _op_kind(row["op_type"], row["full_op_name"])
+                shares[kind] = shares.get(kind, 0.0) + float(row["op_total_time(ms)"])
+    total = sum(shares.values()) or 1.0
+    return {k: round(100 * v / total, 1) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}
 
 
 def _bench_size(name: str, dims: dict, a, impls: list[str]) -> dict:
