@@ -138,3 +138,20 @@ def test_ascend_selects_the_fused_adamw_primitive():
     cpu = FusedAdamW([p], learning_rate=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     assert describe(cpu)["primitive"] == "AdamWeightDecay"
     assert describe(ascend)["state"] == describe(cpu)["state"] == ["adam_m.layer.w", "adam_v.layer.w", "global_step"]
+
+
+def test_state_is_mindformers_adamw_state():
+    """Checkpoints written with MindFormers' AdamW (the optimizer before this one) hold the same state names, shapes
+    and dtypes: they load into FusedAdamW as they are."""
+    from mindspore import Parameter, Tensor
+    from telechat_ms import backend
+    from telechat_ms.train.optim import FusedAdamW
+    params = [Parameter(Tensor(np.zeros(s, np.float32)), name=n) for n, s in SHAPES.items()]
+    groups = [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0},
+              {"order_params": params}]
+    old = backend.AdamW(groups, learning_rate=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    new = FusedAdamW(groups, learning_rate=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+    def state(opt):
+        return [(p.name, tuple(p.shape), str(p.dtype)) for p in (*opt.exp_avg, *opt.exp_avg_sq, opt.global_step)]
+    assert state(new) == state(old)
