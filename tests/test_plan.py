@@ -90,17 +90,19 @@ def test_memory_estimate_equals_a_hand_calculation(tmp_path):
     assert report.valid, [str(i) for i in report.issues]
     s0, s1 = report.stages
     hand0 = {"weights": 4 * (36864 / 2 + 512 + 8192 / 2),        # PO shards over dp*cp = 2 (embedding over dp)
-             "gradients": 4 * (36864 + 512 + 8192),            # pipeline accumulates full gradients
+             "gradients": 0,                                   # the pipeline adds them into its buffers
+             "grad_buffers": 4 * (36864 / 2 + 512 + 8192 / 2),  # accumulation buffers, sharded like weights
              "optimizer": 8 * (36864 / 2 + 512 + 8192 / 2),
              "copies": 2 * 36864,                              # bf16 casts of the two selective layers
              "activations": 2 * 2 * 28672,                     # 2 micro batches in flight x 2 layers
              "working": 36864, "logits": 0}
-    hand1 = {"weights": 4 * (36864 / 2 + 512 + 8192 / 2 + 64), "gradients": 4 * (36864 + 512 + 8192 + 64),
+    hand1 = {"weights": 4 * (36864 / 2 + 512 + 8192 / 2 + 64), "gradients": 0,
+             "grad_buffers": 4 * (36864 / 2 + 512 + 8192 / 2 + 64),
              "optimizer": 8 * (36864 / 2 + 512 + 8192 / 2 + 64), "copies": 2 * (36864 + 8192),
              "activations": 1 * 2 * 28672, "working": 36864,
              "logits": (2 * 256 / 2 + 8 * 256 / 2) * 32}       # bf16 logits + fp32 logits + log-softmax, / mp
     assert s0.parts == pytest.approx(hand0) and s1.parts == pytest.approx(hand1)
-    assert s0.total == pytest.approx(684032) and s1.total == pytest.approx(685056)
+    assert s0.total == pytest.approx(593920) and s1.total == pytest.approx(594944)
     assert report.peak is s1 and report.fits
 
 
@@ -229,3 +231,18 @@ def test_predict_launcher_checks_the_worker_count_against_the_yaml_and_builds_ms
     # today's data-parallel replicas without a YAML
     dp = _predict_launch("2", "/data/7b", "in.jsonl", "out.jsonl", "--batch-size", "4")
     assert dp.returncode == 0 and "--worker_num=2" in dp.stdout and "--data-parallel" in dp.stdout
+
+
+def test_gradient_buffers_appear_only_with_accumulation():
+    """The fused step keeps no gradient buffers: plan counts fp32 buffers (4 B x params) only when gradients are
+    accumulated, as their own line; the step's own gradients are counted either way."""
+    from telechat_ms.parallel.plan import format_plan
+    path = os.path.join(YAMLS, "tiny", "finetune_tiny_cpu.yaml")
+    plain = make_plan(load_job_config(path, ["--runner_config.gradient_accumulation_steps=1"]), Launch(workers=1))
+    accu = make_plan(load_job_config(path, ["--runner_config.gradient_accumulation_steps=4"]), Launch(workers=1))
+    params = load_job_config(path).model_config().num_parameters()
+    (a,), (b,) = plain.stages, accu.stages
+    assert "grad_buffers" not in a.parts and b.parts["grad_buffers"] == pytest.approx(4 * params, rel=1e-3)
+    assert a.parts["gradients"] == b.parts["gradients"] == pytest.approx(4 * params, rel=1e-3)
+    assert b.total - a.total == pytest.approx(b.parts["grad_buffers"])
+    assert "grad_bufs" not in format_plan(plain) and "grad_bufs" in format_plan(accu)

@@ -34,7 +34,8 @@ def semi_auto_context_kwargs(par: ParallelContext, pc: ParallelConfig, world_siz
         "strategy_ckpt_config": {"save_file": par.strategy_ckpt_save_file, "only_trainable_params": False},
     }
     if par.enable_parallel_optimizer:
-        kwargs["parallel_optimizer_config"] = {"gradient_accumulation_shard": False,
+        # accumulation buffers (pipeline stages) sharded like the optimizer state, as plan counts them
+        kwargs["parallel_optimizer_config"] = {"gradient_accumulation_shard": True,
                                                "parallel_optimizer_threshold": par.parallel_optimizer_threshold}
     if pc.pipeline_stage > 1:
         kwargs["pipeline_config"] = {"pipeline_interleave": par.pipeline_interleave,

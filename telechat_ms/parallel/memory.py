@@ -27,7 +27,10 @@ GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 FORMULAS = [
     "weights    = 4 B x params / (replicas if parallel optimizer)       [fp32 master weights]",
-    "gradients  = 4 B x params / (replicas if parallel optimizer and no micro-batch/step accumulation)",
+    "gradients  = 4 B x params / (replicas if parallel optimizer)  [one step's; 0 with pipeline stages, which add",
+    "              each gradient into its buffer as it is produced]",
+    "grad_buffers = 4 B x params / (replicas if parallel optimizer)  [fp32 accumulation buffers: only with",
+    "              micro-batch / step accumulation (pipeline stages or gradient_accumulation_steps > 1)]",
     "optimizer  = 8 B x params / (replicas if parallel optimizer)       [AdamW m, v in fp32]",
     "copies     = a x params of layers not fully recomputed (+ lm_head)  [compute-dtype casts kept for backward]",
     "activations= in-flight x sum over the stage's layers of act/layer; in-flight = min(pp - stage, micro batches)",
@@ -151,7 +154,7 @@ def stage_memory(cfg: TeleChatConfig, dims: ParallelDims, layout: StageLayout, i
             copies += v * h / head_split
         po = inp.parallel_optimizer
         weights = sum(4 * n / (r if po else 1) for n, r in groups)
-        grads = sum(4 * n / (r if po and not inp.accumulate else 1) for n, r in groups)
+        grads = 0.0 if inp.accumulate and dims.pp > 1 else sum(4 * n / (r if po else 1) for n, r in groups)
         optim = sum(8 * n / (r if po else 1) for n, r in groups)
         copy_bytes = a * copies if inp.compute_dtype != cfg.param_dtype else 0.0
         per_layer = [layer_activation_elems(cfg, dims, inp, full=i in inp.full, select=i in inp.select,
@@ -166,8 +169,11 @@ def stage_memory(cfg: TeleChatConfig, dims: ParallelDims, layout: StageLayout, i
         if st == dims.pp - 1:
             rows = inp.micro_batch_size * inp.seq / dims.cp
             logits = (a * v / head_split + 8 * v / dims.mp) * rows
-        parts = {"weights": weights, "gradients": grads, "optimizer": optim, "copies": copy_bytes,
-                 "activations": acts, "working": working, "logits": logits}
+        parts = {"weights": weights, "gradients": grads}
+        if inp.accumulate:  # the fused step without accumulation keeps no buffers (telechat_ms.train.step)
+            parts["grad_buffers"] = sum(4 * n / (r if po else 1) for n, r in groups)
+        parts.update({"optimizer": optim, "copies": copy_bytes, "activations": acts, "working": working,
+                      "logits": logits})
         out.append(StageMemory(stage=st, layers=len(ids), in_flight=mb, parts=parts))
     return out
 

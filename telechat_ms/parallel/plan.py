@@ -244,7 +244,7 @@ def format_plan(r: PlanReport) -> str:
         lines.append(f"  {issue}")
     if r.stages:
         keys = list(r.stages[0].parts)
-        short = {"gradients": "grads", "optimizer": "optim", "activations": "activ"}
+        short = {"gradients": "grads", "grad_buffers": "grad_bufs", "optimizer": "optim", "activations": "activ"}
         head = ["stage", "layers", "in-flight"] + [short.get(k, k) for k in keys] + ["total"]
         lines.append("  memory per NPU (GiB):")
         lines.append("  " + "".join(f"{h:>11}" for h in head))

@@ -61,17 +61,17 @@ def build_model(job: JobConfig):
 
 
 def build_optimizer(opt: OptimizerConfig, learning_rate: float, params: list):
-    """optimizer.type from MindFormers (AdamW: torch AdamW math, bias correction, decoupled decay); norms and biases
-    (optimizer.no_decay_keywords) are not decayed."""
-    from telechat_ms import backend
-    optimizers = {"AdamW": backend.AdamW}
+    """optimizer.type AdamW: torch's AdamW (bias correction, decoupled decay) on MindSpore's fused kernels
+    (telechat_ms.train.optim); norms and biases (optimizer.no_decay_keywords) are not decayed."""
+    from telechat_ms.train.optim import FusedAdamW
+    optimizers = {"AdamW": FusedAdamW}
     decay = [p for p in params if not any(k in p.name for k in opt.no_decay_keywords)]
     no_decay = [p for p in params if any(k in p.name for k in opt.no_decay_keywords)]
     groups = [g for g in ({"params": decay, "weight_decay": opt.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     groups.append({"order_params": params})  # keep the gradients' order (MindSpore regroups otherwise)
     return optimizers[opt.type](groups, learning_rate=learning_rate, betas=tuple(float(b) for b in opt.betas),
-                 eps=float(opt.eps), weight_decay=float(opt.weight_decay))
+                                eps=float(opt.eps), weight_decay=float(opt.weight_decay))
 
 
 class PositionCache:
@@ -141,7 +141,8 @@ def train(job: JobConfig) -> TrainResult:
                                  job.model, job.runner_wrapper, loader.seq_length, layout == BATCHED, jit_config,
                                  job.source)
     else:
-        stepper = AccumulatingRunner(model, trainable, optimizer, run.world_size, job.runner_wrapper, jit_config)
+        stepper = AccumulatingRunner(model, trainable, optimizer, run.world_size, job.runner_wrapper, jit_config,
+                                     accumulation=runner.gradient_accumulation_steps)
     positions = PositionCache(model.config, layout, loader.max_segments)
 
     out_dir = job.output_dir
@@ -154,16 +155,14 @@ def train(job: JobConfig) -> TrainResult:
     opt_params = {p.name: p for p in (*optimizer.exp_avg, *optimizer.exp_avg_sq)}
     opt_params["global_step"] = optimizer.global_step
     wrapper = job.runner_wrapper
-    loss_scale = wrapper.loss_scale_value if wrapper.loss_scale != "none" else 1.0
-    good_steps = 0  # consecutive finite steps, for the dynamic loss scale
     start = 0
     resume = latest_checkpoint(ckpt_root) if job.resume == "auto" else (job.resume or None)
     if resume:
         state = load_checkpoint(resume, model_params, opt_params)
         start = int(state["step"])
         loader.load_state_dict(state["loader"])
-        loss_scale = float(state.get("loss_scale", loss_scale))
-        good_steps = int(state.get("good_steps", 0))
+        if "loss_scale" in state:  # the dynamic loss scale lives in the step graph
+            stepper.set_loss_scale_state(float(state["loss_scale"]), int(state.get("good_steps", 0)))
         if state.get("rng") is not None:
             ms.set_rng_state(Tensor(np.array(state["rng"], dtype=np.uint8)))
     logger = MetricsLogger(out_dir, total_steps, enabled=run.is_main, log_interval=job.callbacks.log_interval,
@@ -176,31 +175,40 @@ def train(job: JobConfig) -> TrainResult:
                     f"{total_steps} steps" + (f", resuming from {resume} at step {start}" if resume else ""))
     result = TrainResult(steps=total_steps)
     last_ckpt = resume or ""
+
+    def finish(step: int, lr: float, tokens: int, pending, seconds: float) -> None:
+        """Read a launched step's loss and norm (after the next step was launched), log it or stop on non-finite."""
+        outcome = pending.outcome()
+        loss, norm = outcome.loss, outcome.grad_norm
+        if not outcome.finite:
+            if wrapper.loss_scale == "dynamic":  # fp16 overflow: the graph skipped the update, lowered the scale
+                logger.info(f"step {step + 1}: overflow, loss scale lowered to {outcome.loss_scale:g}")
+                return
+            raise TrainingError(f"step {step + 1}: loss or gradient is not finite (loss {loss}, grad norm {norm}); "
+                                f"training stopped. "
+                                f"The last good checkpoint is {last_ckpt or 'none (no checkpoint saved yet)'}")
+        result.losses.append(loss)
+        logger.step(step + 1, loss=loss, lr=lr, grad_norm=norm, tokens=loader.global_batch * loader.seq_length,
+                    supervised=tokens, seconds=seconds)
+
+    pending = None  # (step, lr, tokens, start time, PendingStep) of the step launched last, not yet read
     for step in range(start, total_steps):
         t0 = time.perf_counter()
         micro, tokens = loader.next_global_batch()
         lr = lr_at(step, job.lr_schedule, total_steps)
-        optimizer.learning_rate.set_data(Tensor(np.float32(lr)))
-        outcome = stepper.run(micro, tokens, positions, loss_scale)
-        loss, norm = outcome.loss, outcome.grad_norm
-        if not outcome.finite:
-            if wrapper.loss_scale == "dynamic":  # fp16 overflow: the update was skipped; lower the scale
-                loss_scale = max(loss_scale / wrapper.scale_factor, 1.0)
-                logger.info(f"step {step + 1}: overflow, loss scale lowered to {loss_scale:g}")
-                continue
-            raise TrainingError(f"step {step + 1}: loss or gradient is not finite (loss {loss}, grad norm {norm}); "
-                                f"training stopped. "
-                                f"The last good checkpoint is {last_ckpt or 'none (no checkpoint saved yet)'}")
-        if wrapper.loss_scale == "dynamic":
-            good_steps += 1
-            if good_steps % wrapper.scale_window == 0:
-                loss_scale *= wrapper.scale_factor
-        result.losses.append(loss)
-        logger.step(step + 1, loss=loss, lr=lr, grad_norm=norm, tokens=loader.global_batch * loader.seq_length,
-                    supervised=tokens, seconds=time.perf_counter() - t0)
+        optimizer.learning_rate.set_data(Tensor(np.float32(lr)))  # what MindFormers' cells read (semi-auto)
+        launched = stepper.run(micro, tokens, positions, lr)
+        if pending is not None:  # one step late: the device already has the next step
+            finish(*pending[:3], pending[4], t0 - pending[3])
+        pending = (step, lr, tokens, t0, launched)
         done = step + 1 == total_steps
         interval = job.callbacks.save_interval
-        if (run.is_main or sharded) and (done or (interval > 0 and (step + 1) % interval == 0)):
+        saving = (run.is_main or sharded) and (done or (interval > 0 and (step + 1) % interval == 0))
+        if saving or done or _fault("kill_after_step", step + 1):
+            finish(*pending[:3], pending[4], time.perf_counter() - t0)
+            pending = None
+        if saving:
+            loss_scale, good_steps = stepper.loss_scale_state()
             state = {"loader": loader.state_dict(), "loss_scale": loss_scale, "good_steps": good_steps, "lr": lr,
                      "world_size": run.world_size,
                      "rng": ms.get_rng_state().asnumpy().tolist()}
