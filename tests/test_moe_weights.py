@@ -17,7 +17,7 @@ from telechat_ms.weights import convert_checkpoint, hf_to_ms, ms_layout, ms_to_h
 ms = pytest.importorskip("mindspore")
 from telechat_ms.model.telechat import TeleChatForCausalLM  # noqa: E402
 
-STATS = ("router_tokens", "router_dropped")  # router statistics: model state, never checkpoint weights
+STATS = ("router_tokens", "router_dropped", "router_aux")  # router statistics: model state, never checkpoint weights
 
 
 def _tensors(path: str) -> dict[str, tuple[str, tuple, bytes]]:

@@ -312,7 +312,8 @@ class TeleChatMoE(nn.Cell):
     choice, tokens in order). Inference forwards give every expert a slot per token, so nothing is dropped;
     training forwards (construct_aux) cap slots at expert_capacity and drop the overflow (its share is 0, the
     residual carries the token), return the load-balancing loss, and keep router statistics of the last
-    training forward in router_tokens (tokens routed per expert) and router_dropped.
+    training forward in router_tokens (tokens routed per expert), router_dropped (choices dropped) and router_aux
+    (its load-balancing loss): state, not weights (requires_grad False, never in a model checkpoint).
     """
 
     def __init__(self, cfg: TeleChatConfig):
@@ -330,6 +331,7 @@ class TeleChatMoE(nn.Cell):
                                        requires_grad=False)
         self.router_dropped = Parameter(ms.Tensor(np.zeros(1, np.float32)), name="router_dropped",
                                         requires_grad=False)
+        self.router_aux = Parameter(ms.Tensor(np.zeros(1, np.float32)), name="router_aux", requires_grad=False)
         self.reshape = P.Reshape()
         self.cast = P.Cast()
         self.softmax = P.Softmax(axis=-1)
@@ -360,6 +362,7 @@ class TeleChatMoE(nn.Cell):
         self.count_sum = P.ReduceSum()
         self.assign_tokens = P.Assign()
         self.assign_dropped = P.Assign()
+        self.assign_aux = P.Assign()
 
     def route(self, x2d):
         """(router probabilities [N, E] fp32, chosen weights [N, k] fp32, chosen experts [N, k] int32)."""
@@ -409,6 +412,7 @@ class TeleChatMoE(nn.Cell):
         dropped = self.reshape(float(keep.shape[0]) - self.count_sum(self.cast(keep, ms.float32)), (1,))
         aux = ms.ops.depend(aux, self.assign_tokens(self.router_tokens, ms.ops.stop_gradient(counts)))
         aux = ms.ops.depend(aux, self.assign_dropped(self.router_dropped, ms.ops.stop_gradient(dropped)))
+        aux = ms.ops.depend(aux, self.assign_aux(self.router_aux, ms.ops.stop_gradient(self.reshape(aux, (1,)))))
         return out, aux
 
 

@@ -37,6 +37,7 @@ class AccumulatingRunner:
         self.zero = ZeroGrads(accu)
         self.all_reduce = AllReduceSum() if world_size > 1 else None
         self.wrapper = wrapper
+        self.after_micro = None  # called after each micro batch's forward/backward (MoE router statistics)
         if jit_config is not None:  # context.jit_level on Ascend
             for cell in (self.accumulate, self.single, self.finalize, self.apply, self.zero):
                 cell.set_jit_config(jit_config)
@@ -54,12 +55,16 @@ class AccumulatingRunner:
             cos, sin, mask = positions(batch)
             loss_t, norm_t = self.single(Tensor(batch["input_ids"]), Tensor(batch["labels"]), cos, sin, mask, scale,
                                          Tensor(np.float32(1.0 / (tokens * loss_scale))))
+            if self.after_micro is not None:
+                self.after_micro()
             return self._apply(float(loss_t.asnumpy()) / loss_scale / tokens, float(norm_t.asnumpy()))
         loss_sum = 0.0
         for batch in micro:
             cos, sin, mask = positions(batch)
             out = self.accumulate(Tensor(batch["input_ids"]), Tensor(batch["labels"]), cos, sin, mask, scale)
             loss_sum += float(out.asnumpy())
+            if self.after_micro is not None:
+                self.after_micro()
         if self.all_reduce is not None:
             loss_sum = float(self.all_reduce(Tensor(np.float32(loss_sum))).asnumpy())
         loss = loss_sum / loss_scale / tokens

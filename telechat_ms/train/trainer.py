@@ -52,7 +52,7 @@ def build_model(job: JobConfig):
         model = TeleChatForCausalLM.from_pretrained(job.load_checkpoint, config=cfg)
     else:
         model = TeleChatForCausalLM(job.model_config())
-    trainable = [p for p in model.get_parameters()]
+    trainable = [p for p in model.get_parameters() if p.requires_grad]  # not an MoE layer's router statistics
     if job.model.lora is not None:
         from telechat_ms.model.lora import apply_lora
         lora = job.model.lora
@@ -143,6 +143,11 @@ def train(job: JobConfig) -> TrainResult:
     else:
         stepper = AccumulatingRunner(model, trainable, optimizer, run.world_size, job.runner_wrapper, jit_config)
     positions = PositionCache(model.config, layout, loader.max_segments)
+    router_stats = None
+    if model.config.is_moe and not sharded:
+        from telechat_ms.train.router_stats import RouterStats
+        router_stats = RouterStats(model)
+        stepper.after_micro = router_stats.collect
 
     out_dir = job.output_dir
     # Replicated weights (stand_alone, data_parallel): rank 0 writes one checkpoint. Sharded weights
@@ -197,7 +202,8 @@ def train(job: JobConfig) -> TrainResult:
                 loss_scale *= wrapper.scale_factor
         result.losses.append(loss)
         logger.step(step + 1, loss=loss, lr=lr, grad_norm=norm, tokens=loader.global_batch * loader.seq_length,
-                    supervised=tokens, seconds=time.perf_counter() - t0)
+                    supervised=tokens, seconds=time.perf_counter() - t0,
+                    extra=router_stats.pop() if router_stats is not None else None)
         done = step + 1 == total_steps
         interval = job.callbacks.save_interval
         if (run.is_main or sharded) and (done or (interval > 0 and (step + 1) % interval == 0)):
