@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 ms = pytest.importorskip("mindspore")
 
 from telechat_ms.config import TeleChatConfig  # noqa: E402
-from telechat_ms.model.layers import TeleChatMoE, expert_capacity  # noqa: E402
+from telechat_ms.model.moe import TeleChatMoE, expert_capacity  # noqa: E402
 from telechat_ms.model.telechat import TeleChatForCausalLM  # noqa: E402
 from telechat_ms.reference.parity import run_parity  # noqa: E402
 from telechat_ms.reference.torch_model import TeleChatRef  # noqa: E402

@@ -58,7 +58,7 @@ def test_dropped_count_follows_the_capacity_rule(demo_data, tmp_path, pynative_a
     """One step on one batch: the dropped choices reported are those the rule drops, recomputed from the routing
     of the same weights on the same batch."""
     import mindspore as ms
-    from telechat_ms.model.layers import expert_capacity
+    from telechat_ms.model.moe import expert_capacity
     from telechat_ms.train.trainer import train
     job = job_from_dict(_moe_job(demo_data, str(tmp_path / "run"), runner_config={"batch_size": 4, "max_steps": 1},
                                  lr_schedule={"type": "constant", "learning_rate": 0.0}, train_dataset={
