@@ -74,6 +74,7 @@ class ParallelConfig:
     data_parallel: int = 1
     model_parallel: int = 1
     pipeline_stage: int = 1
+    expert_parallel: int = 1                 # MoE: experts split over this many data-parallel ranks (MindFormers')
     context_parallel: int = 1
     context_parallel_algo: str = "colossalai_cp"   # colossalai_cp (ring attention) | ulysses_cp | hybrid_cp
     ulysses_degree_in_cp: int = 1
@@ -84,7 +85,8 @@ class ParallelConfig:
     gradient_aggregation_group: int = 4
 
     def check(self, where: Where, prefix: str) -> None:
-        for name in ("data_parallel", "model_parallel", "pipeline_stage", "context_parallel", "micro_batch_num",
+        for name in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "context_parallel",
+                     "micro_batch_num",
                      "pp_interleave_num", "ulysses_degree_in_cp", "gradient_aggregation_group"):
             _positive(where, f"{prefix}.{name}", getattr(self, name))
         _one_of(where, f"{prefix}.context_parallel_algo", self.context_parallel_algo,

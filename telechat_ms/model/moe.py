@@ -47,9 +47,10 @@ class ExpertLinear(nn.Cell):
     def construct(self, x):
         """x [E, C, in] -> [E, C, out]."""
         out = self.matmul(self.cast(x, self.compute_dtype), self.cast(self.weight, self.compute_dtype))
-        if self.has_bias:
-            e, _, n_out = out.shape
-            out = self.bias_add(out, self.reshape(self.cast(self.bias, self.compute_dtype), (e, 1, n_out)))
+        if self.has_bias:  # in the bias's own [1, E, 1, out] layout (its shard strategy splits E)
+            shape = out.shape
+            out = self.bias_add(self.reshape(out, (1, *shape)), self.cast(self.bias, self.compute_dtype))
+            out = self.reshape(out, shape)
         return out
 
 

@@ -187,5 +187,5 @@ def parallelize_predict(model, pc: ParallelConfig, source: str = "") -> AppliedP
     apply_strategies(model, table)
     for layer in model.model.layers:
         layer.attention.cache_write_by_add = True
-    splits = parameter_splits([p.name for p in model.get_parameters()], table)
+    splits = parameter_splits([p.name for p in model.get_parameters() if p.requires_grad], table)  # not MoE stats
     return AppliedPredict(dims=dims, table=table, param_splits=splits)

@@ -98,6 +98,9 @@ def layer_strategies(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool |
         "add_attn": Shard((s_in, s_in)),
         "add_ffn": Shard((s_in, s_in)),
     })
+    if cfg.is_moe:
+        t = {k: v for k, v in t.items() if not k.startswith("feed_forward.")}
+        t.update(moe_strategies(cfg, dims))
     if cfg.use_flash_attention:
         kv = (dp, hs, cr, 1)                        # ring attention passes kv chunks around the cp ring
         t["attention.flash_attention.flash_attention"] = Shard((inner, kv, kv, (mask_b, 1, cr, 1)))
@@ -112,6 +115,48 @@ def layer_strategies(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool |
             "attention.softmax": Shard((heads,)),
             "attention.pv_matmul": Shard((heads, heads)),
         })
+    return t
+
+
+def moe_strategies(cfg: TeleChatConfig, dims: ParallelDims) -> dict[str, Shard]:
+    """The MoE FFN (model/moe.py), keyed relative to the layer. Tokens stay split as the residual stream is (T =
+    dp x cp, x mp with sequence parallel) through the router; the k-major slot order is one global order, so the
+    routing indices are replicated (small: [kN, E]); the dispatch gather reads the replicated tokens and
+    writes the slots of each expert-parallel rank's experts (E*cap rows split by ep), the experts' matmuls run
+    on [E, cap, H] split by ep on experts and by mp on the expert FFN (w2 reduces over mp), and the combine
+    gathers every expert output back to the token rows split by T. MindSpore inserts the exchanges between these
+    layouts (an all-gather dispatch and combine, MindFormers' use_allgather_dispatcher, rather than AllToAll)."""
+    ep, mp = dims.ep, dims.mp
+    tr = dims.dp * dims.cp * (mp if dims.sp else 1)
+    tok, rep = (tr, 1), (1, 1)
+    f = "feed_forward."
+    t = {
+        f + "router.dense.matmul": Shard((tok, rep)),
+        f + "softmax": Shard((tok,)), f + "topk": Shard((tok,)),
+        f + "gate_sum": Shard((tok,)), f + "gate_div": Shard((tok, tok)),
+        f + "transpose_idx": Shard((rep,)),
+        f + "onehot": Shard((rep, (), ())),
+        f + "cumsum": Shard((rep,)), f + "pos_mul": Shard((rep, rep)), f + "pos_sum": Shard((rep,)),
+        f + "less_equal": Shard(((1,), ())), f + "slot_mul": Shard(((1,), ())), f + "slot_add": Shard(((1,), ())),
+        f + "keep_select": Shard(((1,), (1,), (1,))),
+        f + "scatter": Shard((rep, (1,))),
+        f + "concat_x": Shard((rep, rep)),
+        f + "gather_in": Shard((rep, (ep,))),                         # dispatch: this rank's experts' slots
+        f + "ffn.w1.matmul": Shard(((ep, 1, 1), (ep, mp, 1))),
+        f + "ffn.w3.matmul": Shard(((ep, 1, 1), (ep, mp, 1))),
+        f + "ffn.silu.silu": Shard(((ep, 1, mp),)),
+        f + "ffn.mul": Shard(((ep, 1, mp), (ep, 1, mp))),
+        f + "ffn.w2.matmul": Shard(((ep, 1, mp), (ep, 1, mp))),       # reduces over mp
+        f + "ffn.w2.bias_add": Shard(((1, ep, 1, 1), (1, ep, 1, 1))),
+        f + "concat_out": Shard((rep, rep)),                          # combine: every expert's output
+        f + "transpose_slot": Shard((rep,)),
+        f + "gather_out": Shard((rep, tok)),
+        f + "coeff_mul": Shard(((tr, 1, 1), (tr, 1, 1))),
+        f + "combine_sum": Shard(((tr, 1, 1),)),
+        f + "mean_probs": Shard((tok,)), f + "mean_load": Shard((rep,)),
+        f + "aux_mul": Shard(((1,), (1,))), f + "aux_sum": Shard(((1,),)), f + "aux_scale": Shard(((), ())),
+        f + "count_sum": Shard((rep,)), f + "kept_sum": Shard(((1,),)),
+    }
     return t
 
 
