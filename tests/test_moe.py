@@ -111,7 +111,7 @@ def test_capacity_limited_step_drops_what_the_rule_says(pair, factor):
         layer.aux_factor = 0.0
 
 
-def _mindformers_moe(ours: TeleChatMoE, capacity_factor: float):
+def _mindformers_moe(ours: TeleChatMoE, capacity_factor: float, dp: int = 1):
     """MindFormers' MoEV2 with TopkRouterV2 (research/telechat2's MoE), our router weights, our stacked experts as
     its ffn (MindFormers' expert Linear needs a 4-D broadcast BatchMatMul that CPU MindSpore refuses)."""
     from mindspore import nn
@@ -123,29 +123,33 @@ def _mindformers_moe(ours: TeleChatMoE, capacity_factor: float):
             super().__init__()
             self.experts, self.num = experts, num
 
-        def construct(self, x):  # MoEV2 hands [dp, E * capacity, H]
-            return self.experts(x.reshape(self.num, -1, x.shape[-1])).reshape(x.shape)
+        def construct(self, x):  # MoEV2 hands [dp, E * capacity, H]; ours take [E, dp * capacity, H]
+            g, _, h = x.shape
+            y = self.experts(x.reshape(g, self.num, -1, h).transpose(1, 0, 2, 3).reshape(self.num, -1, h))
+            return y.reshape(self.num, g, -1, h).transpose(1, 0, 2, 3).reshape(x.shape)
 
     cfg = MoEConfig(expert_num=8, num_experts_chosen=2, capacity_factor=capacity_factor,
                     routing_policy="TopkRouterV2", norm_topk_prob=True, use_fused_ops_topkrouter=False,
                     router_dense_type="float32", aux_loss_types=["expert"], aux_loss_factors=[0.01])
-    mf = MoEV2(ffn=Experts(ours.ffn, 8), dim=64, moe_config=cfg, parallel_config=TransformerOpParallelConfig(),
+    mf = MoEV2(ffn=Experts(ours.ffn, 8), dim=64, moe_config=cfg,
+               parallel_config=TransformerOpParallelConfig(data_parallel=dp),
                return_extra_loss=True)
     mf.router.dense.weight.set_data(ours.router.dense.weight.data)
     return mf
 
 
-@pytest.mark.parametrize("factor", [4.0, 0.5])  # 4.0: capacity = every token (no drop); 0.5: drops
-def test_moe_layer_equals_mindformers_moev2(pair, factor):
+@pytest.mark.parametrize("factor,dp", [(4.0, 1), (0.5, 1), (0.5, 2)])  # 4.0: no drop; dp 2: routed per shard
+def test_moe_layer_equals_mindformers_moev2(pair, factor, dp):
     model, _ = pair
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     layer = model.model.layers[1].feed_forward
     layer.cfg = model.config.replace(capacity_factor=factor)
     layer.aux_factor = 0.01
+    layer.groups = dp
     try:
         x = _hidden(seed=7)
-        mf_out, mf_aux = _mindformers_moe(layer, factor)(ms.Tensor(x.reshape(-1, 64)))
+        mf_out, mf_aux = _mindformers_moe(layer, factor, dp)(ms.Tensor(x.reshape(-1, 64)))
         out, aux = layer.construct_aux(ms.Tensor(x))
         np.testing.assert_allclose(out.asnumpy(), mf_out.asnumpy().reshape(x.shape), atol=1e-6)
         np.testing.assert_allclose(float(aux.asnumpy()), float(mf_aux.asnumpy()), rtol=1e-5)
@@ -154,4 +158,5 @@ def test_moe_layer_equals_mindformers_moev2(pair, factor):
     finally:
         layer.cfg = model.config
         layer.aux_factor = 0.0
+        layer.groups = 1
         ms.set_context(mode=mode)

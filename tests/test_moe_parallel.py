@@ -43,11 +43,18 @@ def test_every_moe_primitive_has_a_strategy(ep, dp, mp, sp):
     assert not missing, sorted(missing)
     tr = dp * (mp if sp else 1)
     layer = "model.layers.1.feed_forward."
-    assert recorded[layer + "ffn.w1.matmul"].inputs == ((ep, 1, 1), (ep, mp, 1))
-    assert recorded[layer + "ffn.w2.matmul"].inputs == ((ep, 1, mp), (ep, 1, mp))
-    assert recorded[layer + "gather_in"].inputs == ((1, 1), (ep,))
+    dm = dp // ep
+    assert recorded[layer + "ffn.w1.matmul"].inputs == ((ep, dm, 1), (ep, mp, 1))
+    assert recorded[layer + "ffn.w2.matmul"].inputs == ((ep, dm, mp), (ep, 1, mp))
+    assert recorded[layer + "gather_in"].inputs == ((tr, 1, 1), (tr, 1))
     assert recorded[layer + "router.dense.matmul"].inputs == ((tr, 1), (1, 1))
-    assert recorded[layer + "gather_out"].inputs == ((1, 1), (tr, 1))
+    assert recorded[layer + "gather_out"].inputs == ((tr, 1, 1), (tr, 1))
+    for path, shard in recorded.items():  # no strategy uses more devices than the layout has
+        for split in shard.inputs:
+            n = 1
+            for d in split:
+                n *= d
+            assert n <= dims.world, (path, split)
     splits = parameter_splits([p.name for p in model.get_parameters() if p.requires_grad], table)
     assert splits[layer + "ffn.w1.weight"] == (ep, mp, 1)          # [E, F, H]: experts by ep, F by mp
     assert splits[layer + "ffn.w2.weight"] == (ep, 1, mp)          # [E, H, F]
@@ -74,19 +81,24 @@ def _swiglu(x, w1, w3, w2, b2):
     return ((g / (1 + np.exp(-g))) * (x @ w3.T)) @ w2.T + b2
 
 
-@pytest.mark.parametrize("ep,mp,factor", [(2, 1, 0.0), (4, 2, 0.0), (4, 2, 0.75)])
-def test_expert_shards_emulated_equal_the_unsharded_layer(ep, mp, factor):
+@pytest.mark.parametrize("ep,mp,factor,groups", [(2, 1, 0.0, 1), (4, 2, 0.0, 4), (4, 2, 0.75, 4), (2, 2, 0.75, 8)])
+def test_expert_shards_emulated_equal_the_unsharded_layer(ep, mp, factor, groups):
     """Rank (r, m) holds experts r*E/ep.. and the m-th F/mp slice of each: it computes its slots' partial w2 sums;
-    the mp partial sums reduce, the ep shards gather, and the combine gives the unsharded layer's output."""
+    the mp partial sums reduce, the ep shards gather, and the combine gives the layer's output. With routing groups
+    (the data shards) and no capacity, the grouped layer equals the one-group layer exactly."""
     ms.set_seed(3)
     layer = TeleChatMoE(CFG.replace(capacity_factor=factor))
+    one_group = layer(ms.Tensor(np.random.default_rng(0).normal(size=(2, 16, 64)).astype(np.float32))).asnumpy()
+    layer.groups = groups
     x = np.random.default_rng(0).normal(size=(2, 16, 64)).astype(np.float32)
     full = (layer.construct_aux(ms.Tensor(x))[0] if factor else layer(ms.Tensor(x))).asnumpy()
     x2d = ms.Tensor(x.reshape(-1, 64))
     _, gate, idx = layer.route(x2d)
     n = x2d.shape[0]
     from telechat_ms.model.moe import expert_capacity
-    cap = expert_capacity(layer.cfg, n) if factor else n
+    cap = expert_capacity(layer.cfg, n // groups) if factor else n // groups
+    if not factor:
+        np.testing.assert_allclose(full, one_group, atol=1e-6)
     expert_in, slot, _, _ = layer.dispatch(x2d, idx, cap)           # the dispatch every rank computes
     expert_in = expert_in.asnumpy()
     w1, w3 = layer.ffn.w1.weight.asnumpy(), layer.ffn.w3.weight.asnumpy()
@@ -95,7 +107,7 @@ def test_expert_shards_emulated_equal_the_unsharded_layer(ep, mp, factor):
     shards = []
     for r in range(ep):
         experts = range(r * e_per, (r + 1) * e_per)
-        out = np.zeros((e_per, cap, 64), np.float32)
+        out = np.zeros((e_per, groups * cap, 64), np.float32)
         for m in range(mp):                                         # row-parallel w2: partial sums over F
             fs = slice(m * f_per, (m + 1) * f_per)
             for j, e in enumerate(experts):

@@ -106,6 +106,7 @@ class TeleChatMoE(nn.Cell):
         self.norm_topk_prob = cfg.norm_topk_prob and cfg.num_experts_per_tok > 1
         self.aux_factor = float(cfg.aux_loss_factor)
         self.model_parallel = 1  # telechat_ms.parallel rounds training capacity to its model_parallel
+        self.groups = 1          # routing groups (telechat_ms.parallel: the data-parallel shards of the tokens)
         self.router = MoERouter(cfg)
         self.ffn = TeleChatExperts(cfg)
         self.router_tokens = Parameter(ms.Tensor(np.zeros(cfg.num_experts, np.float32)), name="router_tokens",
@@ -128,12 +129,15 @@ class TeleChatMoE(nn.Cell):
         self.slot_mul = P.Mul()
         self.slot_add = P.Add()
         self.keep_select = P.Select()
+        self.slot_off = P.Add()
         self.scatter = P.ScatterNd()
-        self.concat_x = P.Concat(axis=0)
-        self.gather_in = P.Gather()
-        self.concat_out = P.Concat(axis=0)
+        self.concat_x = P.Concat(axis=1)
+        self.gather_in = P.Gather(batch_dims=1)
+        self.transpose_in = P.Transpose()
+        self.transpose_back = P.Transpose()
+        self.concat_out = P.Concat(axis=1)
         self.transpose_slot = P.Transpose()
-        self.gather_out = P.Gather()
+        self.gather_out = P.Gather(batch_dims=1)
         self.coeff_mul = P.Mul()
         self.combine_sum = P.ReduceSum()
         self.mean_probs = P.ReduceMean()
@@ -156,39 +160,49 @@ class TeleChatMoE(nn.Cell):
         return probs, gate, self.cast(idx, ms.int32)
 
     def dispatch(self, x2d, idx, cap: int):
-        """Tokens into expert slots: (expert inputs [E, cap, H], slot of every choice [kN] (k-major; a dropped
-        choice gets the slot E * cap, which holds zeros), kept [kN] bool, expert one-hot of the choices [kN, E])."""
-        n, e, k = x2d.shape[0], self.num_experts, self.top_k
-        flat = self.reshape(self.transpose_idx(idx, (1, 0)), (k * n,))  # row j * N + t: token t's j-th choice
-        mask = self.onehot(flat, e, ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32))  # [kN, E]
-        position = self.pos_sum(self.pos_mul(self.cumsum(mask, 0), mask), -1)               # 1-based, [kN]
+        """Tokens into expert slots, per routing group (self.groups equal runs of tokens; MindFormers routes per
+        data-parallel shard): (expert inputs [E, G * cap, H] (expert e's slots of group g at g * cap..), the slot
+        of every choice in its group [G, kn] (k-major; a dropped choice gets E * cap, which holds zeros), kept
+        [G, kn] bool, expert one-hot of the choices [G, kn, E])."""
+        g, e, k = self.groups, self.num_experts, self.top_k
+        n = x2d.shape[0] // g
+        flat = self.reshape(self.transpose_idx(self.reshape(idx, (g, n, k)), (0, 2, 1)), (g, k * n))
+        mask = self.onehot(flat, e, ms.Tensor(1.0, ms.float32), ms.Tensor(0.0, ms.float32))  # [G, kn, E]
+        position = self.pos_sum(self.pos_mul(self.cumsum(mask, 1), mask), -1)               # 1-based, [G, kn]
         keep = self.less_equal(position, float(cap))
         slot = self.cast(self.slot_add(self.slot_mul(self.cast(flat, ms.float32), float(cap)), position - 1.0),
                          ms.int32)
-        trash = ms.Tensor(np.full((k * n,), e * cap, np.int32))  # dropped choices: a slot nothing reads
-        slot = self.keep_select(keep, slot, trash)
-        tokens = ms.Tensor(np.tile(np.arange(1, n + 1, dtype=np.int32), k))  # 1-based token of each row
-        dispatch = self.scatter(self.reshape(slot, (k * n, 1)), tokens, (e * cap + 1,))[:e * cap]  # 0 = empty
-        x_pad = self.concat_x((ms.ops.zeros((1, self.hidden), x2d.dtype), x2d))
-        expert_in = self.reshape(self.gather_in(x_pad, dispatch, 0), (e, cap, self.hidden))
+        slot = self.keep_select(keep, slot, ms.Tensor(np.full((g, k * n), e * cap, np.int32)))
+        # one scatter for every group: group g's slots at g * (E cap + 1) + slot, its 1-based local token ids
+        where = self.slot_off(slot, ms.Tensor((np.arange(g, dtype=np.int32) * (e * cap + 1))[:, None]))
+        tokens = ms.Tensor(np.tile(np.arange(1, n + 1, dtype=np.int32), (g, k)).reshape(-1))
+        dispatch = self.scatter(self.reshape(where, (g * k * n, 1)), tokens, (g * (e * cap + 1),))
+        dispatch = self.reshape(dispatch, (g, e * cap + 1))[:, :e * cap]                    # 0 = empty slot
+        x_pad = self.concat_x((ms.ops.zeros((g, 1, self.hidden), x2d.dtype), self.reshape(x2d, (g, n, self.hidden))))
+        local = self.reshape(self.gather_in(x_pad, dispatch, 1), (g, e, cap, self.hidden))  # [G, E, cap, H]
+        expert_in = self.reshape(self.transpose_in(local, (1, 0, 2, 3)), (e, g * cap, self.hidden))
         return expert_in, slot, keep, mask
 
     def combine(self, expert_out, slot, gate):
-        """Expert outputs [E, cap, H] back to tokens [N, H]: each token's k outputs weighted by its gate."""
-        e, cap, _ = expert_out.shape
-        n, k = gate.shape
-        out_pad = self.concat_out((self.reshape(expert_out, (e * cap, self.hidden)),
-                                   ms.ops.zeros((1, self.hidden), expert_out.dtype)))
-        picked = self.gather_out(out_pad, self.transpose_slot(self.reshape(slot, (k, n)), (1, 0)), 0)  # [N, k, H]
-        coeff = self.reshape(self.cast(gate, picked.dtype), (n, k, 1))
-        return self.combine_sum(self.coeff_mul(picked, coeff), 1)
+        """Expert outputs [E, G * cap, H] back to tokens [N, H]: each token's k outputs weighted by its gate."""
+        g, e, k = self.groups, self.num_experts, self.top_k
+        cap = expert_out.shape[1] // g
+        n = gate.shape[0] // g
+        local = self.reshape(self.transpose_back(self.reshape(expert_out, (e, g, cap, self.hidden)), (1, 0, 2, 3)),
+                             (g, e * cap, self.hidden))
+        out_pad = self.concat_out((local, ms.ops.zeros((g, 1, self.hidden), expert_out.dtype)))
+        order = self.reshape(self.transpose_slot(self.reshape(slot, (g, k, n)), (0, 2, 1)), (g, n * k))
+        picked = self.reshape(self.gather_out(out_pad, order, 1), (g, n, k, self.hidden))
+        coeff = self.reshape(self.cast(gate, picked.dtype), (g, n, k, 1))
+        return self.reshape(self.combine_sum(self.coeff_mul(picked, coeff), 2), (g * n, self.hidden))
 
     def _moe(self, x, capacity_factor_on):
         shape = x.shape
         n = shape[0] * shape[1]
         x2d = self.reshape(x, (n, self.hidden))
         probs, gate, idx = self.route(x2d)
-        cap = expert_capacity(self.cfg, n, self.model_parallel) if capacity_factor_on else n
+        tokens = n // self.groups
+        cap = expert_capacity(self.cfg, tokens, self.model_parallel) if capacity_factor_on else tokens
         expert_in, slot, keep, mask = self.dispatch(x2d, idx, cap)
         out = self.combine(self.ffn(expert_in), slot, gate)
         return self.reshape(self.cast(out, x.dtype), shape), probs, mask, keep
@@ -201,11 +215,12 @@ class TeleChatMoE(nn.Cell):
         """Training: (output, load-balancing loss) with capacity dropping; records the router statistics."""
         out, probs, mask, keep = self._moe(x, True)
         # MindFormers' "expert" loss: factor * E * sum_e P_e * f_e, P = mean router probability, f = load share
-        load = self.mean_load(mask, 0)
-        aux = self.aux_scale(self.aux_sum(self.aux_mul(self.mean_probs(probs, 0), load)),
-                             self.aux_factor * self.num_experts)
-        counts = self.count_sum(mask, 0)
-        dropped = self.reshape(float(keep.shape[0]) - self.kept_sum(self.cast(keep, ms.float32)), (1,))
+        g, e = self.groups, self.num_experts
+        load = self.mean_load(mask, 1)                                                   # [G, E]
+        share = self.mean_probs(self.reshape(probs, (g, probs.shape[0] // g, e)), 1)     # [G, E]
+        aux = self.aux_scale(self.aux_sum(self.aux_mul(share, load)), self.aux_factor * e / g)  # mean over groups
+        counts = self.count_sum(mask, (0, 1))
+        dropped = self.reshape(float(keep.size) - self.kept_sum(self.cast(keep, ms.float32)), (1,))
         aux = ms.ops.depend(aux, self.assign_tokens(self.router_tokens, ms.ops.stop_gradient(counts)))
         aux = ms.ops.depend(aux, self.assign_dropped(self.router_dropped, ms.ops.stop_gradient(dropped)))
         aux = ms.ops.depend(aux, self.assign_aux(self.router_aux, ms.ops.stop_gradient(self.reshape(aux, (1,)))))

@@ -16,8 +16,8 @@ from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import ConfigError
 from telechat_ms.job_config import ModelSection, ParallelConfig, ParallelContext, RecomputeConfig
 from telechat_ms.parallel.layout import ParallelDims, StageLayout, check_layout, per_stage_layers, stage_layout
-from telechat_ms.parallel.strategies import (Shard, apply_strategies, parameter_splits, predict_strategy_table,
-                                             strategy_table)
+from telechat_ms.parallel.strategies import (Shard, apply_strategies, moe_groups, parameter_splits,
+                                             predict_strategy_table, strategy_table)
 
 # Primitives recomputed by selective recompute (MindFormers' default patterns feed_forward.mul and the
 # SiLU, plus the attention-score ops when flash attention is off).
@@ -135,6 +135,9 @@ def parallelize(model, pc: ParallelConfig, rc: RecomputeConfig, par: ParallelCon
     fused = not getattr(model.model.norm_out, "self_define", True)
     table = strategy_table(cfg, dims, fused_norm=fused, batched_inputs=batched_inputs)
     apply_strategies(model, table)
+    if cfg.is_moe:  # route (and cap) each token shard on its own, as MindFormers does per data-parallel shard
+        for layer in model.model.layers:
+            layer.feed_forward.groups = moe_groups(dims)
     ring = _ring_attention(model, dims) if cfg.use_flash_attention else False
     _pipeline_stages(model, dims, layout)
     _comm_fusion(model, dims, pc.gradient_aggregation_group)

@@ -119,45 +119,52 @@ def layer_strategies(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool |
 
 
 def moe_strategies(cfg: TeleChatConfig, dims: ParallelDims) -> dict[str, Shard]:
-    """The MoE FFN (model/moe.py), keyed relative to the layer. Tokens stay split as the residual stream is (T =
-    dp x cp, x mp with sequence parallel) through the router; the k-major slot order is one global order, so the
-    routing indices are replicated (small: [kN, E]); the dispatch gather reads the replicated tokens and
-    writes the slots of each expert-parallel rank's experts (E*cap rows split by ep), the experts' matmuls run
-    on [E, cap, H] split by ep on experts and by mp on the expert FFN (w2 reduces over mp), and the combine
-    gathers every expert output back to the token rows split by T. MindSpore inserts the exchanges between these
-    layouts (an all-gather dispatch and combine, MindFormers' use_allgather_dispatcher, rather than AllToAll)."""
+    """The MoE FFN (model/moe.py), keyed relative to the layer, as MindFormers lays it out. Tokens are routed in
+    T groups (T = dp x cp, x mp with sequence parallel: the residual stream's shards; the layer's `groups`), each
+    with its own capacity, so routing, dispatch gather and combine stay local to a rank; the expert buffer
+    [E, T * cap, H] is split by ep on experts and by the dp x cp / ep remaining data shards on slots, the expert
+    FFN by mp (w2 reduces over mp). Between the group-split [T, E, cap, H] dispatch and the expert-split buffer
+    (and back for the combine) MindSpore inserts the AllToAll of expert parallelism. Only the scatter building
+    the slot -> token table sees every group's int32 indices (replicated)."""
     ep, mp = dims.ep, dims.mp
-    tr = dims.dp * dims.cp * (mp if dims.sp else 1)
-    tok, rep = (tr, 1), (1, 1)
+    tr = dims.dp * dims.cp * (mp if dims.sp else 1)     # routing groups = token shards
+    dm = dims.dp * dims.cp // ep                         # data shards left per expert-parallel rank
+    tok, g2, g3, g4 = (tr, 1), (tr, 1), (tr, 1, 1), (tr, 1, 1, 1)
     f = "feed_forward."
-    t = {
-        f + "router.dense.matmul": Shard((tok, rep)),
+    return {
+        f + "router.dense.matmul": Shard((tok, (1, 1))),
         f + "softmax": Shard((tok,)), f + "topk": Shard((tok,)),
         f + "gate_sum": Shard((tok,)), f + "gate_div": Shard((tok, tok)),
-        f + "transpose_idx": Shard((rep,)),
-        f + "onehot": Shard((rep, (), ())),
-        f + "cumsum": Shard((rep,)), f + "pos_mul": Shard((rep, rep)), f + "pos_sum": Shard((rep,)),
-        f + "less_equal": Shard(((1,), ())), f + "slot_mul": Shard(((1,), ())), f + "slot_add": Shard(((1,), ())),
-        f + "keep_select": Shard(((1,), (1,), (1,))),
-        f + "scatter": Shard((rep, (1,))),
-        f + "concat_x": Shard((rep, rep)),
-        f + "gather_in": Shard((rep, (ep,))),                         # dispatch: this rank's experts' slots
-        f + "ffn.w1.matmul": Shard(((ep, 1, 1), (ep, mp, 1))),
-        f + "ffn.w3.matmul": Shard(((ep, 1, 1), (ep, mp, 1))),
-        f + "ffn.silu.silu": Shard(((ep, 1, mp),)),
-        f + "ffn.mul": Shard(((ep, 1, mp), (ep, 1, mp))),
-        f + "ffn.w2.matmul": Shard(((ep, 1, mp), (ep, 1, mp))),       # reduces over mp
-        f + "ffn.w2.bias_add": Shard(((1, ep, 1, 1), (1, ep, 1, 1))),
-        f + "concat_out": Shard((rep, rep)),                          # combine: every expert's output
-        f + "transpose_slot": Shard((rep,)),
-        f + "gather_out": Shard((rep, tok)),
-        f + "coeff_mul": Shard(((tr, 1, 1), (tr, 1, 1))),
-        f + "combine_sum": Shard(((tr, 1, 1),)),
-        f + "mean_probs": Shard((tok,)), f + "mean_load": Shard((rep,)),
-        f + "aux_mul": Shard(((1,), (1,))), f + "aux_sum": Shard(((1,),)), f + "aux_scale": Shard(((), ())),
-        f + "count_sum": Shard((rep,)), f + "kept_sum": Shard(((1,),)),
+        f + "transpose_idx": Shard((g3,)),
+        f + "onehot": Shard((g3, (), ())),
+        f + "cumsum": Shard((g3,)), f + "pos_mul": Shard((g3, g3)), f + "pos_sum": Shard((g3,)),
+        f + "less_equal": Shard((g2, ())), f + "slot_mul": Shard((g2, ())), f + "slot_add": Shard((g2, g2)),
+        f + "keep_select": Shard((g2, g2, g2)), f + "slot_off": Shard((g2, g2)),
+        f + "scatter": Shard(((1, 1), (1,))),
+        f + "concat_x": Shard((g3, g3)),
+        f + "gather_in": Shard((g3, g2)),                              # dispatch inside each group
+        f + "transpose_in": Shard((g4,)),                              # -> [E, T, cap, H]: the AllToAll
+        f + "ffn.w1.matmul": Shard(((ep, dm, 1), (ep, mp, 1))),
+        f + "ffn.w3.matmul": Shard(((ep, dm, 1), (ep, mp, 1))),
+        f + "ffn.silu.silu": Shard(((ep, dm, mp),)),
+        f + "ffn.mul": Shard(((ep, dm, mp), (ep, dm, mp))),
+        f + "ffn.w2.matmul": Shard(((ep, dm, mp), (ep, 1, mp))),       # reduces over mp
+        f + "ffn.w2.bias_add": Shard(((1, ep, dm, 1), (1, ep, 1, 1))),
+        f + "transpose_back": Shard(((ep, dm, 1, 1),)),                # back to [T, E, cap, H]: the AllToAll
+        f + "concat_out": Shard((g3, g3)),
+        f + "transpose_slot": Shard((g3,)),
+        f + "gather_out": Shard((g3, g2)),                             # combine inside each group
+        f + "coeff_mul": Shard((g4, g4)),
+        f + "combine_sum": Shard((g4,)),
+        f + "mean_probs": Shard((g3,)), f + "mean_load": Shard((g3,)),
+        f + "aux_mul": Shard((g2, g2)), f + "aux_sum": Shard((g2,)), f + "aux_scale": Shard(((), ())),
+        f + "count_sum": Shard((g3,)), f + "kept_sum": Shard((g2,)),
     }
-    return t
+
+
+def moe_groups(dims: ParallelDims) -> int:
+    """Routing groups of a sharded MoE layer: one per shard of the tokens (the residual stream's split)."""
+    return dims.dp * dims.cp * (dims.mp if dims.sp else 1)
 
 
 def model_strategies(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool | None = None) -> dict[str, Shard]:
