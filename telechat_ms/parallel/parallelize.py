@@ -22,6 +22,7 @@ from telechat_ms.parallel.strategies import (Shard, apply_strategies, moe_groups
 # Primitives recomputed by selective recompute (MindFormers' default patterns feed_forward.mul and the
 # SiLU, plus the attention-score ops when flash attention is off).
 SELECT_FFN = ("feed_forward.mul", "feed_forward.silu.silu")
+SELECT_MOE = ("feed_forward.ffn.mul", "feed_forward.ffn.silu.silu")   # the same, in the MoE experts
 SELECT_ATTN = ("attention.tile_kv", "attention.qk_matmul", "attention.mul_scale", "attention.mask_add",
                "attention.softmax", "attention.pv_matmul")
 
@@ -101,7 +102,8 @@ def _recompute(model, rc: RecomputeConfig, full: set[int], select: set[int], com
                             recompute_slice_activation=rc.recompute_slice_activation)
             continue
         if i in select:
-            for path in SELECT_FFN + (() if flash else SELECT_ATTN):
+            ffn = SELECT_MOE if hasattr(layer.feed_forward, "ffn") else SELECT_FFN
+            for path in ffn + (() if flash else SELECT_ATTN):
                 prim = layer
                 for part in path.split("."):
                     prim = getattr(prim, part)
