@@ -17,10 +17,18 @@ _ALIASES = {
     "n_head": ("num_attention_heads",),
     "ffn_hidden_size": ("intermediate_size",),
     "layer_norm_epsilon": ("rms_norm_eps",),
+    # MoE (TeleChat2-39B-A12B): the expert FFN size is ffn_hidden_size; Mixtral / Qwen-MoE / MindFormers names
+    "num_experts": ("num_local_experts", "n_routed_experts", "expert_num"),
+    "num_experts_per_tok": ("num_experts_chosen", "moe_topk"),
 }
+# A second name some MoE configs give the expert FFN size: read as ffn_hidden_size (contradicting values rejected).
+_FFN_ALIASES = ("moe_intermediate_size",)
+# MoE fields an HF config.json carries only for MoE models (a dense config.json stays as released).
+_MOE_FIELDS = ("num_experts", "num_experts_per_tok", "norm_topk_prob")
 
 # Fields that only describe how MindSpore runs the model; never written to an HF config.json.
-_RUNTIME_FIELDS = ("compute_dtype", "param_dtype", "use_flash_attention", "fused_rms_norm")
+_RUNTIME_FIELDS = ("compute_dtype", "param_dtype", "use_flash_attention", "fused_rms_norm", "capacity_factor",
+                   "aux_loss_factor")
 # Keys of config.json that say which code loads the file, not what the model is: written back as they were read
 # (an export replaces them), and not compared (an export of a model is the same model).
 _LOADER_KEYS = ("architectures", "auto_map", "model_type")
@@ -39,6 +47,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "35b": dict(n_layer=64, hidden_size=6144, ffn_hidden_size=20480, n_head=48, num_key_value_heads=48),
     "115b": dict(n_layer=96, hidden_size=8192, ffn_hidden_size=40960, n_head=64, num_key_value_heads=8,
                  layer_norm_epsilon=1e-8),
+    # TeleChat2-39B-A12B (spec 12): every FFN is 16 routed SwiGLU experts of 6144, top-4 renormalized, MHA
+    "telechat2_39b_a12b": dict(n_layer=30, hidden_size=4096, ffn_hidden_size=6144, n_head=32, num_key_value_heads=32,
+                               num_experts=16, num_experts_per_tok=4, norm_topk_prob=True),
+    # The CPU test MoE: 2 layers, 8 experts, top-2
+    "tiny_moe": dict(n_layer=2, hidden_size=128, ffn_hidden_size=128, n_head=4, num_key_value_heads=2,
+                     vocab_size=4096, training_seqlen=256, base_seqlen=256, seq_length=256,
+                     num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
 }
 
 
@@ -64,6 +79,17 @@ class TeleChatConfig:
     eos_token_id: int = 2
     pad_token_id: int = 3
     unk_token_id: int = 0
+    # MoE (spec 12): num_experts 0 = dense MLP; else every layer's FFN is num_experts routed SwiGLU experts of
+    # ffn_hidden_size, num_experts_per_tok chosen per token by an fp32 router, their weights renormalized to sum to
+    # 1 when norm_topk_prob; no shared expert.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = True
+    # MoE training switches (never in config.json): capacity_factor > 0 caps each expert at
+    # ceil(k * tokens * factor / experts) tokens in training forwards (the overflow is dropped, MindFormers' rule);
+    # 0 and every inference forward drop nothing. aux_loss_factor scales the load-balancing loss added in training.
+    capacity_factor: float = 0.0
+    aux_loss_factor: float = 0.0
     # MindSpore run-time switches (CPU path: fp32, plain attention, unfused norm; Ascend path: the opposite).
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
@@ -83,6 +109,10 @@ class TeleChatConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.n_head
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 1
 
     @property
     def n_rep(self) -> int:
@@ -111,10 +141,26 @@ class TeleChatConfig:
         if self.apply_residual_connection_post_layernorm:
             raise ConfigError(f"{source}: apply_residual_connection_post_layernorm=true is not supported "
                               "(no released TeleChat2 model uses it)")
+        self._validate_moe(source)
         for name, allowed in (("compute_dtype", ("float32", "float16", "bfloat16")),
                               ("param_dtype", ("float32", "float16", "bfloat16"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{source}: field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
+
+    def _validate_moe(self, source: str) -> None:
+        for name in ("num_experts", "num_experts_per_tok"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{source}: field '{name}' must be an integer >= 0, got {value!r}")
+        if self.is_moe and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"{source}: num_experts_per_tok {self.num_experts_per_tok} must be in 1.."
+                              f"{self.num_experts} (num_experts)")
+        for name in ("capacity_factor", "aux_loss_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{source}: field '{name}' must be a number >= 0, got {value!r}")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ConfigError(f"{source}: field 'norm_topk_prob' must be true or false, got {self.norm_topk_prob!r}")
 
     # ---------------------------------------------------------------- presets
     @classmethod
@@ -141,19 +187,30 @@ class TeleChatConfig:
                 p + "self_attention.dense.weight": (h, h),
                 p + "self_attention.dense.bias": (h,),
                 p + "post_attention_layernorm.weight": (h,),
-                p + "mlp.gate_proj.weight": (f, h),
-                p + "mlp.up_proj.weight": (f, h),
-                p + "mlp.down_proj.weight": (h, f),
-                p + "mlp.down_proj.bias": (h,),
             })
+            shapes.update(self._ffn_shapes(p))
         shapes["transformer.ln_f.weight"] = (h,)
         shapes["lm_head.weight"] = (v, h)
         return shapes
 
-    def num_parameters(self) -> int:
-        """Total parameter count, from the config alone (nothing is allocated)."""
+    def _ffn_shapes(self, p: str) -> dict[str, tuple[int, ...]]:
+        """One layer's FFN weights in HF names: the dense MLP, or the router and every expert (mlp.local_experts.E)."""
+        h, f = self.hidden_size, self.ffn_hidden_size
+        mlps = [p + "mlp."] if not self.is_moe else [f"{p}mlp.local_experts.{e}." for e in range(self.num_experts)]
+        shapes: dict[str, tuple[int, ...]] = {p + "mlp.router.weight": (self.num_experts, h)} if self.is_moe else {}
+        for m in mlps:
+            shapes.update({m + "gate_proj.weight": (f, h), m + "up_proj.weight": (f, h),
+                           m + "down_proj.weight": (h, f), m + "down_proj.bias": (h,)})
+        return shapes
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Total parameter count from the config alone (nothing is allocated); with `active`, the parameters one
+        token uses (an MoE token runs num_experts_per_tok of the experts)."""
         total = 0
-        for shape in self.parameter_shapes().values():
+        for name, shape in self.parameter_shapes().items():
+            if active and ".local_experts." in name and int(name.split(".local_experts.")[1].split(".")[0]) >= \
+                    self.num_experts_per_tok:
+                continue
             n = 1
             for s in shape:
                 n *= s
@@ -178,6 +235,14 @@ class TeleChatConfig:
                     value = data.pop(k)
                     if value is not None:
                         kwargs[ours] = value
+        for key in _FFN_ALIASES:
+            value = data.pop(key, None)
+            if value is not None and kwargs.setdefault("ffn_hidden_size", value) != value:
+                raise ConfigError(f"{source}: contradictory fields ffn_hidden_size={kwargs['ffn_hidden_size']!r}, "
+                                  f"{key}={value!r}")
+        for key in ("shared_expert_num", "n_shared_experts", "num_shared_experts"):
+            if data.get(key):
+                raise ConfigError(f"{source}: {key}={data[key]!r}: shared experts are not part of TeleChat2 MoE")
         if "n_inner" in data and data["n_inner"] is not None and "ffn_hidden_size" not in kwargs:
             kwargs["ffn_hidden_size"] = data["n_inner"]
         loader = {key: data.pop(key) for key in _LOADER_KEYS if key in data}
@@ -222,6 +287,8 @@ class TeleChatConfig:
         out.update(self.extra)
         for f in dataclasses.fields(self):
             if f.name in ("extra", "loader") or f.name in _RUNTIME_FIELDS:
+                continue
+            if f.name in _MOE_FIELDS and not self.is_moe:
                 continue
             out[f.name] = getattr(self, f.name)
         if export_dtype is not None:

@@ -74,6 +74,7 @@ class ParallelConfig:
     data_parallel: int = 1
     model_parallel: int = 1
     pipeline_stage: int = 1
+    expert_parallel: int = 1                 # MoE: experts split over this many data-parallel ranks (MindFormers')
     context_parallel: int = 1
     context_parallel_algo: str = "colossalai_cp"   # colossalai_cp (ring attention) | ulysses_cp | hybrid_cp
     ulysses_degree_in_cp: int = 1
@@ -84,7 +85,8 @@ class ParallelConfig:
     gradient_aggregation_group: int = 4
 
     def check(self, where: Where, prefix: str) -> None:
-        for name in ("data_parallel", "model_parallel", "pipeline_stage", "context_parallel", "micro_batch_num",
+        for name in ("data_parallel", "model_parallel", "pipeline_stage", "expert_parallel", "context_parallel",
+                     "micro_batch_num",
                      "pp_interleave_num", "ulysses_degree_in_cp", "gradient_aggregation_group"):
             _positive(where, f"{prefix}.{name}", getattr(self, name))
         _one_of(where, f"{prefix}.context_parallel_algo", self.context_parallel_algo,
@@ -131,6 +133,58 @@ class ModelSection:
                                               "interleaved layer class, which telechat_ms layers do not implement "
                                               "(a speed feature: results and memory are the same without it); "
                                               "remove the key"}
+
+
+@dataclass
+class MoeConfig:
+    """MindFormers' moe_config for an MoE model (TeleChat2-39B-A12B): the routing is the model's (checked against
+    its config), the training switches are capacity and the load-balancing loss."""
+    expert_num: int = 0                      # 0 = the model's num_experts; else must equal it
+    num_experts_chosen: int = 0              # 0 = the model's num_experts_per_tok; else must equal it
+    capacity_factor: float = 0.0             # training forwards: each expert keeps ceil(k*tokens*factor/E) choices
+                                             # (k-major, the rest dropped); 0 = no dropping. Inference never drops.
+    aux_loss_types: list[str] = field(default_factory=lambda: ["expert"])  # "expert": MindFormers' balance loss
+    aux_loss_factors: list[float] = field(default_factory=lambda: [0.0])   # its factor (loss added to the NLL)
+    routing_policy: str = "TopkRouterV2"     # the only policy: softmax top-k, k-major capacity (MindFormers')
+    norm_topk_prob: bool = True              # must equal the model's (TeleChat2-39B-A12B: true)
+    router_dense_type: str = "float32"       # the router runs in fp32 (the only value)
+    shared_expert_num: int = 0               # TeleChat2 MoE has no shared expert (only 0)
+    REJECTED_KEYS = {"enable_sdrop": "not supported: only MindFormers' k-major capacity (enable_sdrop false) is "
+                                     "implemented; remove the key"}
+
+    def check(self, where: Where, prefix: str) -> None:
+        _positive(where, f"{prefix}.capacity_factor", self.capacity_factor, zero_ok=True)
+        self._check_routing(where, prefix)
+        for i, kind in enumerate(self.aux_loss_types):
+            _one_of(where, f"{prefix}.aux_loss_types[{i}]", kind, ("expert",))
+        if len(self.aux_loss_types) != len(self.aux_loss_factors):
+            raise ConfigError(f"{where(prefix + '.aux_loss_factors')} must give one factor per aux_loss_types "
+                              f"entry ({len(self.aux_loss_types)}), got {self.aux_loss_factors}")
+        for i, factor in enumerate(self.aux_loss_factors):
+            _positive(where, f"{prefix}.aux_loss_factors[{i}]", factor, zero_ok=True)
+
+    def _check_routing(self, where, prefix: str) -> None:
+        """The routing the model implements (one value each): checked on load, and again where the job's model
+        config is built (so the keys are what the model runs with, not ignored)."""
+        _one_of(where, f"{prefix}.routing_policy", self.routing_policy, ("TopkRouterV2",))
+        _one_of(where, f"{prefix}.router_dense_type", self.router_dense_type, ("float32",))
+        _one_of(where, f"{prefix}.shared_expert_num", self.shared_expert_num, (0,))
+
+    def apply(self, cfg: TeleChatConfig, source: str) -> TeleChatConfig:
+        """The model config with this section's training switches; the routing fields must agree with it."""
+        self._check_routing(Where(source), "moe_config")
+        if not cfg.is_moe:
+            raise ConfigError(f"{source}: 'moe_config' is given but the model is dense (num_experts "
+                              f"{cfg.num_experts}); remove it or set model.model_config.num_experts")
+        for key, ours, theirs in (("expert_num", self.expert_num, cfg.num_experts),
+                                  ("num_experts_chosen", self.num_experts_chosen, cfg.num_experts_per_tok)):
+            if ours and ours != theirs:
+                raise ConfigError(f"{source}: 'moe_config.{key}' is {ours} but the model has {theirs}")
+        if self.norm_topk_prob != cfg.norm_topk_prob:
+            raise ConfigError(f"{source}: 'moe_config.norm_topk_prob' is {self.norm_topk_prob} but the model's "
+                              f"is {cfg.norm_topk_prob}")
+        factor = float(sum(f for t, f in zip(self.aux_loss_types, self.aux_loss_factors) if t == "expert"))
+        return cfg.replace(capacity_factor=float(self.capacity_factor), aux_loss_factor=factor)
 
 
 @dataclass
@@ -226,6 +280,7 @@ class JobConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_schedule: LrSchedule = field(default_factory=LrSchedule)
     train_dataset: DatasetConfig | None = None
+    moe_config: MoeConfig | None = None      # MoE models only (routing checks, capacity, aux loss)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     source: str = ""                         # the YAML file this came from (set by the loader, not a YAML key)
     REJECTED_KEYS = {"source": "not a YAML key: the loader records the file a job came from"}
@@ -234,7 +289,12 @@ class JobConfig:
         _one_of(where, "run_mode", self.run_mode, ("finetune", "pretrain", "predict"))
 
     def model_config(self, base: TeleChatConfig | None = None) -> TeleChatConfig:
-        """The TeleChatConfig this job describes: `preset`, else the checkpoint's config.json, plus overrides."""
+        """The TeleChatConfig this job describes: `preset`, else the checkpoint's config.json, plus overrides
+        (and moe_config's training switches)."""
+        cfg = self._model_config(base)
+        return self.moe_config.apply(cfg, self.source) if self.moe_config is not None else cfg
+
+    def _model_config(self, base: TeleChatConfig | None = None) -> TeleChatConfig:
         fields = dict(self.model.model_config)
         preset = fields.pop("preset", None)
         known = {f.name for f in dataclasses.fields(TeleChatConfig)} - {"extra"}

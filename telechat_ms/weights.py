@@ -5,6 +5,12 @@ HF names are the released torch names (transformer.h.{i}.self_attention.key_valu
 are those of the public MindSpore port (model.layers.{i}.attention.wk_v.weight ...). Layouts are identical
 (MindFormers' Linear uses transpose_b and wk_v keeps the per-head interleaved [k_h; v_h] rows), so the map is a
 pure rename: no tensor is ever transposed or re-ordered.
+
+MoE (spec 12): the HF release keeps one tensor per expert (transformer.h.N.mlp.local_experts.E.gate_proj.weight ...)
+and the router as mlp.router.weight; MindSpore stacks the experts as MindFormers' convert_weight does
+(feed_forward.ffn.w1.weight [E, F, H], w3 [E, F, H], w2 [E, H, F], w2.bias [1, E, 1, H]; router
+feed_forward.router.dense.weight). A checkpoint in the grouped-matmul layout of the NPU inference release
+(convert_gmm.py: w1 / w3 / w2 transposed to [E, H, F] / [E, F, H]) is read too (told apart by shape).
 """
 from __future__ import annotations
 
@@ -35,7 +41,18 @@ LAYER_MAP: tuple[tuple[str, str], ...] = (
     ("mlp.up_proj.weight", "feed_forward.w3.weight"),
     ("mlp.down_proj.weight", "feed_forward.w2.weight"),
     ("mlp.down_proj.bias", "feed_forward.w2.bias"),
+    ("mlp.router.weight", "feed_forward.router.dense.weight"),
 )
+# MoE experts: (HF suffix after mlp.local_experts.E., MindSpore stacked suffix).
+EXPERT_MAP: tuple[tuple[str, str], ...] = (
+    ("gate_proj.weight", "feed_forward.ffn.w1.weight"),
+    ("up_proj.weight", "feed_forward.ffn.w3.weight"),
+    ("down_proj.weight", "feed_forward.ffn.w2.weight"),
+    ("down_proj.bias", "feed_forward.ffn.w2.bias"),
+)
+_HF_EXPERT = re.compile(r"^mlp\.local_experts\.(\d+)\.(.+)$")
+_HF2MS_EXPERT = dict(EXPERT_MAP)
+_MS2HF_EXPERT = {m: h for h, m in EXPERT_MAP}
 GLOBAL_MAP: tuple[tuple[str, str], ...] = (
     ("transformer.word_embeddings.weight", "model.tok_embeddings.embedding_weight"),
     ("transformer.word_embeddings_layernorm.weight", "model.word_embeddings_layernorm.weight"),
@@ -59,19 +76,112 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def hf_to_ms(name: str) -> str:
-    """MindSpore (port) name of an HF tensor name; KeyError if it is not a TeleChat2 weight."""
+    """MindSpore (port) name of an HF tensor name (an MoE expert's tensor: the stacked tensor holding it);
+    KeyError if it is not a TeleChat2 weight."""
     m = _HF_LAYER.match(name)
     if m:
+        expert = _HF_EXPERT.match(m.group(2))
+        if expert:
+            return f"model.layers.{m.group(1)}.{_HF2MS_EXPERT[expert.group(2)]}"
         return f"model.layers.{m.group(1)}.{_HF2MS_LAYER[m.group(2)]}"
     return _HF2MS_GLOBAL[name]
 
 
+def expert_index(hf_name: str) -> int | None:
+    """E of an HF name transformer.h.N.mlp.local_experts.E.*, else None."""
+    m = _HF_LAYER.match(hf_name)
+    expert = _HF_EXPERT.match(m.group(2)) if m else None
+    return int(expert.group(1)) if expert else None
+
+
 def ms_to_hf(name: str) -> str:
-    """HF name of a MindSpore (port) tensor name; KeyError if it is not a TeleChat2 weight."""
+    """HF name of a MindSpore (port) tensor name; KeyError if it is not a TeleChat2 weight or is a stacked MoE
+    tensor (ms_to_hf_names gives the names those hold)."""
     m = _MS_LAYER.match(name)
     if m:
         return f"transformer.h.{m.group(1)}.{_MS2HF_LAYER[m.group(2)]}"
     return _MS2HF_GLOBAL[name]
+
+
+def ms_to_hf_names(name: str, num_experts: int) -> list[str]:
+    """The HF names a MindSpore tensor holds: one, or every expert's for a stacked MoE tensor."""
+    m = _MS_LAYER.match(name)
+    if m and m.group(2) in _MS2HF_EXPERT:
+        return [f"transformer.h.{m.group(1)}.mlp.local_experts.{e}.{_MS2HF_EXPERT[m.group(2)]}"
+                for e in range(num_experts)]
+    return [ms_to_hf(name)]
+
+
+def ms_layout(cfg: TeleChatConfig) -> list[tuple[str, tuple[int, ...], list[str]]]:
+    """The MindSpore tensors of a model, in canonical order: (name, shape, the HF names it holds). A stacked MoE
+    tensor holds every expert's tensor, stacked on a leading expert axis (a bias as [1, E, 1, H])."""
+    out: dict[str, tuple[tuple[int, ...], list[str]]] = {}
+    for hf_name, shape in cfg.parameter_shapes().items():
+        ms_name = hf_to_ms(hf_name)
+        if ms_name not in out:
+            out[ms_name] = (shape, [])
+        out[ms_name][1].append(hf_name)
+    layout = []
+    for ms_name, (shape, hf_names) in out.items():
+        if expert_index(hf_names[0]) is not None:
+            shape = (1, len(hf_names), 1, *shape) if ms_name.endswith(".bias") else (len(hf_names), *shape)
+        layout.append((ms_name, tuple(shape), hf_names))
+    return layout
+
+
+def stack_experts(arrays: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """One MindSpore tensor of `shape` from its HF tensors (one: as it is; experts: stacked)."""
+    return arrays[0] if len(arrays) == 1 and arrays[0].shape == tuple(shape) else np.stack(arrays).reshape(shape)
+
+
+def expert_slice(stacked: np.ndarray, e: int) -> np.ndarray:
+    """Expert e's HF tensor of a stacked MindSpore tensor ([E, ...] or a bias [1, E, 1, H])."""
+    return np.ascontiguousarray(stacked[0, e, 0] if stacked.ndim == 4 else stacked[e])
+
+
+class _LastRead:
+    """Reads of a stacked tensor, one expert at a time, share one read: the last stacked tensor stays in memory."""
+
+    def __init__(self) -> None:
+        self.key: object = None
+        self.value: np.ndarray | None = None
+
+    def get(self, key: object, read) -> np.ndarray:
+        if self.key is not key:
+            self.key, self.value = None, None
+            self.value, self.key = read(), key
+        return self.value
+
+
+def _expert_entries(e: TensorEntry, cfg: TeleChatConfig, cache: _LastRead) -> list[tuple[str, TensorEntry]]:
+    """A stacked MoE tensor of a MindSpore checkpoint as one entry per expert, in HF names and shapes. The NPU
+    inference layout (experts transposed for grouped matmul) and a bias stacked as [E, H] are read too."""
+    hf_names = ms_to_hf_names(e.name, cfg.num_experts)
+    hf_shape = cfg.parameter_shapes().get(hf_names[0])
+    if hf_shape is None:
+        raise CheckpointError(f"{e.file}: unknown tensor '{e.name}' (not a weight of this TeleChat2 MoE model)")
+    n = len(hf_names)
+    shape = tuple(e.shape)
+    stacked = (1, n, 1, *hf_shape) if len(hf_shape) == 1 else (n, *hf_shape)
+    transposed = (n, hf_shape[1], hf_shape[0]) if len(hf_shape) == 2 else None
+    if shape == stacked or (len(hf_shape) == 1 and shape == (n, *hf_shape)):
+        fix = None
+    elif transposed is not None and shape == transposed and hf_shape[0] != hf_shape[1]:
+        fix = (0, 2, 1)  # convert_gmm.py's layout
+    else:
+        raise CheckpointError(f"{e.file}: tensor '{e.name}' has shape {list(shape)}, the config implies "
+                              f"{list(stacked)} ({n} experts stacked)")
+
+    def read_all(e=e, fix=fix) -> np.ndarray:
+        arr = e.read()
+        return arr.reshape(stacked) if fix is None else np.ascontiguousarray(arr.transpose(fix))
+
+    out = []
+    for i, hf_name in enumerate(hf_names):
+        def read(i=i) -> np.ndarray:
+            return expert_slice(cache.get(e, read_all), i)
+        out.append((hf_name, TensorEntry(f"{e.name}[{i}]", hf_shape, e.dtype, e.file, read)))
+    return out
 
 
 def naming_of(names: list[str]) -> str:
@@ -94,7 +204,12 @@ def canonical_entries(entries: list[TensorEntry], cfg: TeleChatConfig) -> dict[s
     naming = naming_of([e.name for e in entries])
     expected = cfg.parameter_shapes()
     found: dict[str, TensorEntry] = {}
+    cache = _LastRead()
     for e in entries:
+        if naming == "ms" and len(ms_to_hf_names(e.name, cfg.num_experts)) > 1 and cfg.is_moe:
+            for hf_name, part in _expert_entries(e, cfg, cache):
+                found[hf_name] = part
+            continue
         try:
             hf_name = e.name if naming == "hf" else ms_to_hf(e.name)
         except KeyError:
@@ -126,13 +241,13 @@ def validate_index(index_path: str, cfg: TeleChatConfig) -> dict:
     mapped = []
     for name in names:
         try:
-            hf_name = name if naming == "hf" else ms_to_hf(name)
-            ms_name = hf_to_ms(hf_name)
+            hf_names = [name] if naming == "hf" else ms_to_hf_names(name, cfg.num_experts)
+            pairs = [(h, hf_to_ms(h)) for h in hf_names]
         except KeyError:
             raise CheckpointError(f"{index_path}: unknown tensor '{name}'") from None
-        if hf_name not in expected:
+        if not pairs or any(h not in expected for h, _ in pairs):
             raise CheckpointError(f"{index_path}: tensor '{name}' is not a weight of the configured model")
-        mapped.append((hf_name, ms_name))
+        mapped.extend(pairs)
     missing = sorted(set(expected) - {h for h, _ in mapped})
     if missing:
         raise CheckpointError(f"{index_path}: missing {len(missing)} tensor(s), e.g. '{missing[0]}'")
@@ -211,15 +326,19 @@ def convert_checkpoint(src: str, dst: str, target: str, dtype: str | None = None
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
     cfg = _config_for(src)
     entries = canonical_entries(checkpoint_entries(src), cfg)
-    names = list(entries)
-    out_names = names if target == "hf" else [hf_to_ms(n) for n in names]
-    specs = [(out, entries[n].shape, dtype or entries[n].dtype) for n, out in zip(names, out_names)]
+    if target == "hf":
+        groups = [(n, entries[n].shape, [n]) for n in entries]
+    else:  # MindSpore names: MoE experts stacked
+        groups = ms_layout(cfg)
+    specs = [(out, shape, dtype or entries[hf[0]].dtype) for out, shape, hf in groups]
 
     def produce(i: int):
-        e = entries[names[i]]
-        if e.raw is not None and e.dtype == specs[i][2]:
+        hf_names = groups[i][2]
+        e = entries[hf_names[0]]
+        if len(hf_names) == 1 and e.raw is not None and e.dtype == specs[i][2]:
             return e.raw  # same dtype: copy the bytes file to file, never through Python memory
-        return convert_dtype(e.read(), e.dtype, specs[i][2])
+        return stack_experts([convert_dtype(entries[n].read(), entries[n].dtype, specs[i][2]) for n in hf_names],
+                             specs[i][1])
 
     total = sum(numel(s) * itemsize(d) for _, s, d in specs)
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
@@ -243,6 +362,8 @@ def merge_adapter_dir(base: str, adapter: str, out: str, fmt: str = "ms", dtype:
     Tokenizer files come from the adapter directory, else from the base.
     """
     cfg = _config_for(base)
+    if cfg.is_moe:
+        raise CheckpointError(f"{base}: lora merge does not handle MoE checkpoints (stacked experts) yet")
     cfg_file = os.path.join(adapter, ADAPTER_CONFIG)
     if not os.path.isfile(cfg_file):
         raise CheckpointError(f"{adapter}: no {ADAPTER_CONFIG} (not a LoRA adapter directory)")
@@ -292,14 +413,20 @@ def load_into_model(model, path: str) -> None:
     """Fill a TeleChatForCausalLM from an HF or MindSpore checkpoint, one tensor at a time (strict)."""
     import mindspore as ms
     params = {p.name: p for p in model.get_parameters()}  # p.name stays the checkpoint name under LoRA wrappers
-    entries = canonical_entries(checkpoint_entries(path), model.config)
-    for hf_name, e in entries.items():
-        ms_name = hf_to_ms(hf_name)
+    for ms_name, f32, e in model_tensors(checkpoint_entries(path), model.config):
         param = params.get(ms_name)
         if param is None:
             raise CheckpointError(f"{e.file}: tensor '{e.name}' has no parameter '{ms_name}' in the model")
-        f32 = convert_dtype(e.read(), e.dtype, "float32")  # exact for every float source dtype
         param.set_data(ms.Tensor(f32, dtype=param.dtype))
+
+
+def model_tensors(entries: list[TensorEntry], cfg: TeleChatConfig):
+    """(MindSpore name, fp32 array in the model's layout, a source entry) for every parameter, one at a time:
+    the checkpoint checked against the config, MoE experts stacked (conversion to fp32 is exact)."""
+    canonical = canonical_entries(entries, cfg)
+    for ms_name, shape, hf_names in ms_layout(cfg):
+        arrays = [convert_dtype(canonical[n].read(), canonical[n].dtype, "float32") for n in hf_names]
+        yield ms_name, stack_experts(arrays, shape), canonical[hf_names[0]]
 
 
 def parameter_array(param, dtype: str) -> np.ndarray:
@@ -315,12 +442,26 @@ def save_model(model, path: str, fmt: str = "ms", dtype: str | None = None,
     is an export other engines load (finish_hf_export)."""
     cfg: TeleChatConfig = model.config
     params = {p.name: p for p in model.get_parameters()}  # p.name stays the checkpoint name under LoRA wrappers
-    hf_names = list(cfg.parameter_shapes())
     dtype = dtype or cfg.param_dtype
-    specs = [(n if fmt == "hf" else hf_to_ms(n), tuple(params[hf_to_ms(n)].shape), dtype) for n in hf_names]
+    if fmt == "hf":  # one tensor per HF name; an expert's tensor is cut from its stacked parameter
+        hf_shapes = cfg.parameter_shapes()
+        specs = [(n, hf_shapes[n], dtype) for n in hf_shapes]
+        cache = _LastRead()
+
+        def produce(i: int) -> np.ndarray:
+            name = specs[i][0]
+            param = params[hf_to_ms(name)]
+            e = expert_index(name)
+            if e is None:
+                return parameter_array(param, dtype)
+            return expert_slice(cache.get(param, lambda: parameter_array(param, dtype)), e)
+    else:
+        specs = [(n, tuple(params[n].shape), dtype) for n, _, _ in ms_layout(cfg)]
+
+        def produce(i: int) -> np.ndarray:
+            return parameter_array(params[specs[i][0]], dtype)
     with atomic_output_dir(path, overwrite=True) as tmp:
-        write_sharded_safetensors(tmp, specs, lambda i: parameter_array(params[hf_to_ms(hf_names[i])], dtype),
-                                  parse_size(max_shard_size))
+        write_sharded_safetensors(tmp, specs, produce, parse_size(max_shard_size))
         if fmt == "hf":
             finish_hf_export(tmp, cfg, dtype)
         else:
@@ -328,7 +469,8 @@ def save_model(model, path: str, fmt: str = "ms", dtype: str | None = None,
     return path
 
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LAYER_MAP", "GLOBAL_MAP", "TOKENIZER_FILES", "hf_to_ms", "ms_to_hf",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LAYER_MAP", "GLOBAL_MAP", "EXPERT_MAP", "TOKENIZER_FILES", "hf_to_ms",
+           "ms_to_hf", "ms_to_hf_names", "ms_layout", "model_tensors", "expert_index",
            "canonical_entries", "validate_index", "convert_checkpoint", "copy_tokenizer_files", "merge_adapter_dir",
            "export_dtype", "finish_hf_export",
            "load_into_model", "save_model", "STORAGE"]

@@ -72,3 +72,11 @@ def pynative_after():
     yield
     import mindspore as ms
     ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_ckpt(tmp_path_factory) -> str:
+    """An HF checkpoint of a tiny MoE (2 layers, 8 experts of 96, top-2, renormalized; GQA 4/2 heads)."""
+    from telechat_ms.reference.random_checkpoint import tiny_moe_config, write_random_hf_checkpoint
+    out = str(tmp_path_factory.mktemp("moe"))
+    return write_random_hf_checkpoint(out, tiny_moe_config(), qk_scale=4.0, seed=3)

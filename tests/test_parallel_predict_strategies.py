@@ -73,6 +73,10 @@ def _intended(cfg: TeleChatConfig, mp: int) -> dict:
     norm = FUSED_NORM if cfg.fused_rms_norm else SELF_NORM
     for prefix in ("attention_norm", "ffn_norm"):
         layer.update({f"{prefix}.{k}": v for k, v in norm.items()})
+    if cfg.is_moe:  # the MoE FFN replaces the dense MLP's entries (tests/moe_tables.py; one replica: dp 1, ep 1)
+        from tests.moe_tables import moe_intended
+        layer = {k: v for k, v in layer.items() if not k.startswith("feed_forward.")}
+        layer.update(moe_intended(1, mp, 1, 1))
     out = {k: _expand(v, n) for k, v in {**TOP, **CLEAR}.items()}
     out.update({f"model.norm_out.{k}": v for k, v in norm.items()})
     for i in range(cfg.n_layer):

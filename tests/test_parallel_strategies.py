@@ -77,10 +77,17 @@ def intended_table(job, n_layer: int) -> dict:
          "B": dp, "B_inputs": True}
     reduce = ((dp * cp * mp, 1),) if pc.use_seq_parallel else None
     layer = {**LAYER, **FLASH}
+    moe = {}
+    if job.model_config().is_moe:  # the MoE FFN replaces the dense MLP's entries (tests/moe_tables.py)
+        from tests.moe_tables import moe_intended
+        layer = {k: v for k, v in layer.items() if not k.startswith("feed_forward.")}
+        sp = mp if pc.use_seq_parallel else 1
+        moe = moe_intended(pc.expert_parallel, mp, dp * cp * sp, dp * cp // pc.expert_parallel)
     out = {}
     for i in range(n_layer):
         for key, (ins, outs) in layer.items():
             out[f"model.layers.{i}.{key}"] = (_expand(ins, n), reduce if outs == "REDUCE" else None)
+        out.update({f"model.layers.{i}.{k}": (v, None) for k, v in moe.items()})
         for norm in ("attention_norm", "ffn_norm"):
             out[f"model.layers.{i}.{norm}.norm"] = (_expand(FUSED_NORM["norm"][0], n), None)
     for key, (ins, _) in TOP.items():
@@ -141,7 +148,8 @@ def test_recorded_strategies_equal_the_intended_table(paths):
         stages = [layer.pipeline_stage for layer in layers]
         per_stage = [stages.count(s) for s in range(pc.pipeline_stage)]
         preset = job.model.model_config["preset"]
-        assert per_stage == {"35b": [15, 17, 17, 15], "115b": [10, 11, 12, 13, 13, 13, 13, 11]}[preset]
+        assert per_stage == {"35b": [15, 17, 17, 15], "115b": [10, 11, 12, 13, 13, 13, 13, 11],
+                             "telechat2_39b_a12b": [15, 15]}[preset]
         assert model.model.tok_embeddings.pipeline_stage == 0
         assert model.lm_head.pipeline_stage == model.model.norm_out.pipeline_stage == pc.pipeline_stage - 1
         if pc.pp_interleave_num > 1:  # chunk-major order: chunks of 30, 31 and 35 layers; stage 0 leads each
@@ -150,9 +158,12 @@ def test_recorded_strategies_equal_the_intended_table(paths):
         assert all(getattr(layer, "pipeline_stage", 0) == 0 for layer in layers)
     rc = job.recompute_config
     full = [bool(getattr(layer, "_has_config_recompute", False)) for layer in layers]
-    select = [bool(layer.feed_forward.mul.attrs.get("recompute")) for layer in layers]
+    select = [bool(getattr(layer.feed_forward, "ffn", layer.feed_forward).mul.attrs.get("recompute"))
+              for layer in layers]
     comm = [bool(layer.attention_norm.norm.attrs.get("recompute_comm_op")) for layer in layers]
-    if rc.recompute is True:  # (Cell.recompute marks the cell's own comm ops itself: mp_comm_recompute)
+    if isinstance(rc.recompute, list):  # per-stage counts of fully recomputed layers (39B-A12B: [3, 0])
+        assert sum(full) == sum(rc.recompute) and not any(select)
+    elif rc.recompute is True:  # (Cell.recompute marks the cell's own comm ops itself: mp_comm_recompute)
         assert all(full) and not any(select)
     else:
         assert not any(full) and all(select) == bool(rc.select_recompute)

@@ -14,6 +14,7 @@ from mindspore.ops import operations as P
 
 from telechat_ms.backend import FlashAttention, Linear, LlamaRMSNorm, LlamaSiLU, ms_dtype
 from telechat_ms.config import TeleChatConfig
+from telechat_ms.model.moe import TeleChatMoE
 from telechat_ms.positions import compressed_causal_mask
 
 MASK_VALUE = -1e9  # added to masked attention scores in fp32; exp() of it is exactly 0
@@ -234,6 +235,11 @@ class TeleChatMLP(nn.Cell):
         return self.w2(self.mul(self.silu(self.w1(x)), self.w3(x)))
 
 
+def feed_forward(cfg: TeleChatConfig) -> nn.Cell:
+    """The FFN a decoder layer uses: the dense SwiGLU MLP, or the MoE FFN when cfg.num_experts > 1."""
+    return TeleChatMoE(cfg) if cfg.is_moe else TeleChatMLP(cfg)
+
+
 class TeleChatDecoderLayer(nn.Cell):
     """Pre-norm block: x + wo(attn(norm(x))), then + w2(mlp(norm(.)))."""
 
@@ -242,7 +248,7 @@ class TeleChatDecoderLayer(nn.Cell):
         self.attention_norm = rms_norm(cfg, cfg.hidden_size)
         self.attention = TeleChatAttention(cfg)
         self.ffn_norm = rms_norm(cfg, cfg.hidden_size)
-        self.feed_forward = TeleChatMLP(cfg)
+        self.feed_forward = feed_forward(cfg)
         self.add_attn = P.Add()
         self.add_ffn = P.Add()
         self.cast = P.Cast()
@@ -252,6 +258,13 @@ class TeleChatDecoderLayer(nn.Cell):
         x = self.add_attn(x, self.cast(h, x.dtype))
         h = self.feed_forward(self.ffn_norm(x))
         return self.add_ffn(x, self.cast(h, x.dtype))
+
+    def construct_aux(self, x, cos, sin, attn_mask):
+        """The MoE block in training: (output, this layer's load-balancing loss)."""
+        h = self.attention(self.attention_norm(x), cos, sin, attn_mask)
+        x = self.add_attn(x, self.cast(h, x.dtype))
+        h, aux = self.feed_forward.construct_aux(self.ffn_norm(x))
+        return self.add_ffn(x, self.cast(h, x.dtype)), aux
 
     def construct_with_cache(self, x, cos, sin, attn_mask, k_cache, v_cache, cache_index):
         """The same block with the attention reading and writing the layer's kv cache."""

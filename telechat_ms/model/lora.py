@@ -72,6 +72,10 @@ def _targets(model, target_modules: list[str]):
 def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | None = None):
     """Wrap the target projections of every layer; freeze everything else. Returns the trainable parameters."""
     targets = list(target_modules or ["wq", "wk_v"])
+    moe_ffn = [t for t in targets if t in ("w1", "w2", "w3")] if model.config.is_moe else []
+    if moe_ffn:
+        raise ConfigError(f"model.lora.target_modules {moe_ffn}: LoRA on MoE experts (stacked w1/w2/w3) is not "
+                          "supported; target the attention projections (wq, wk_v, wo)")
     for _, parent, name in _targets(model, targets):
         setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
     # Re-derive full names: base weights keep theirs ('...wq.weight'), adapters become '...wq.lora_a'.

@@ -45,6 +45,17 @@ class TeleChatModel(nn.Cell):
             h = layer(h, cos, sin, attn_mask)
         return self.norm_out(h)
 
+    def construct_aux(self, input_ids, cos, sin, attn_mask):
+        """MoE training forward: (hidden states, the load-balancing loss summed over the layers)."""
+        h = self.cast(self.tok_embeddings(input_ids), self.compute_dtype)
+        if self.embed_layernorm:
+            h = self.word_embeddings_layernorm(h)
+        aux = 0.0
+        for layer in self.layers:
+            h, layer_aux = layer.construct_aux(h, cos, sin, attn_mask)
+            aux = aux + layer_aux
+        return self.norm_out(h), aux
+
     def construct_with_cache(self, input_ids, cos, sin, attn_mask, k_caches, v_caches, cache_index):
         """Hidden states of the new tokens; each layer writes its keys/values into k_caches[i], v_caches[i]."""
         h = self.cast(self.tok_embeddings(input_ids), self.compute_dtype)
@@ -79,6 +90,9 @@ class TeleChatForCausalLM(nn.Cell, GenerationMixin):
     def construct(self, input_ids, labels=None, cos=None, sin=None, attn_mask=None):
         if cos is None:  # PyNative convenience: one causal sequence per row (shared tables)
             cos, sin, attn_mask = (ms.Tensor(x) for x in training_inputs(self.config, input_ids.shape[1]))
+        if labels is not None and self.config.is_moe:  # training: capacity rule + load-balancing loss
+            hidden, aux = self.model.construct_aux(input_ids, cos, sin, attn_mask)
+            return self.loss(self.cast(self.lm_head(hidden), ms.float32), labels) + aux
         hidden = self.model(input_ids, cos, sin, attn_mask)
         logits = self.cast(self.lm_head(hidden), ms.float32)
         if labels is None:

@@ -23,6 +23,7 @@ class ParallelDims:
     micro: int = 1               # pipeline micro batches
     interleave: int = 1          # virtual pipeline chunks per stage
     vocab_emb_dp: bool = False   # embedding (and lm_head) replicated instead of vocab-parallel
+    ep: int = 1                  # MoE expert parallel: experts split over ep of the dp ranks (MindFormers' meaning)
 
     @property
     def world(self) -> int:
@@ -50,7 +51,7 @@ class ParallelDims:
             ulysses = pc.ulysses_degree_in_cp
         return cls(dp=pc.data_parallel, mp=pc.model_parallel, pp=pc.pipeline_stage, cp=pc.context_parallel,
                    cp_ulysses=ulysses, sp=bool(pc.use_seq_parallel), micro=pc.micro_batch_num,
-                   interleave=pc.pp_interleave_num, vocab_emb_dp=bool(pc.vocab_emb_dp))
+                   interleave=pc.pp_interleave_num, vocab_emb_dp=bool(pc.vocab_emb_dp), ep=pc.expert_parallel)
 
 
 @dataclass
@@ -186,6 +187,15 @@ def check_layout(cfg: TeleChatConfig, dims: ParallelDims, seq_length: int) -> li
             "true (ring attention and Ulysses run inside the Ascend flash-attention kernel)")
     if dims.sp and mp == 1:
         warn("parallel_config.use_seq_parallel", "sequence parallel has no effect with model_parallel 1")
+    if cfg.is_moe:
+        if cfg.num_experts % dims.ep:
+            err("parallel_config.expert_parallel", f"expert_parallel {dims.ep} does not divide num_experts "
+                f"{cfg.num_experts}: every rank of an expert-parallel group holds whole experts")
+        if dims.dp % dims.ep:
+            err("parallel_config.expert_parallel", f"expert_parallel {dims.ep} does not divide data_parallel "
+                f"{dims.dp}: experts are split over data-parallel ranks (world = dp x mp x pp x cp)")
+    elif dims.ep > 1:
+        err("parallel_config.expert_parallel", f"expert_parallel {dims.ep} needs an MoE model (num_experts > 1)")
     if dims.pp > 1:
         if dims.micro < dims.pp:
             err("parallel_config.micro_batch_num", f"micro_batch_num {dims.micro} must be >= pipeline_stage "

@@ -51,7 +51,9 @@ PREDICT_FORMULAS = [
     "logits     = 4 B x b x V   [fp32 logits of each row's last token, gathered from the vocab shards]",
 ]
 # Published single-request decode speed of the MindSpore port on Atlas 800T A2 (spec section 7), tokens/s.
-PUBLISHED_DECODE_TOKENS_S = {"7b": 54.1, "35b": 27.7, "115b": 26.5}
+PUBLISHED_DECODE_TOKENS_S = {"7b": 54.1, "35b": 27.7, "115b": 26.5, "39b_a12b": 36.4}
+# Published fine-tuning throughput (tokens/s per NPU, seq 8192; spec 7 and 12).
+PUBLISHED_FINETUNE_TOKENS_S = {"7b": 2950, "35b": 516, "115b": 158, "39b_a12b": 865}
 # Default HBM bandwidth of one Atlas 800T A2 NPU (Ascend 910B), GB/s: derived, not a Huawei-published figure:
 # 64 GB of HBM2e as 4 stacks of 16 GB, each 1024 bits wide at JEDEC HBM2E's 3.2 Gb/s per pin (409.6 GB/s).
 HBM_GBS_ATLAS_800T_A2 = 4 * 1024 * 3.2 / 8
@@ -87,9 +89,27 @@ class StageMemory:
 
 
 def layer_params(cfg: TeleChatConfig) -> tuple[int, int]:
-    """(matrix parameters split by mp, small replicated parameters: norms and biases) of one layer."""
+    """(matrix parameters split by mp, small replicated parameters: norms and biases) of one layer; an MoE layer's
+    experts are apart (expert_params), its router and expert biases count as small."""
     h, f, kd = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_key_value_heads * cfg.head_dim
+    if cfg.is_moe:
+        return 2 * h * h + 2 * kd * h, 3 * h + 2 * cfg.num_experts * h
     return 2 * h * h + 2 * kd * h + 3 * h * f, 4 * h
+
+
+def expert_params(cfg: TeleChatConfig, active: bool = False) -> int:
+    """Expert matrices of one MoE layer (split by expert_parallel x mp); `active`: those one token runs."""
+    if not cfg.is_moe:
+        return 0
+    return (cfg.num_experts_per_tok if active else cfg.num_experts) * 3 * cfg.hidden_size * cfg.ffn_hidden_size
+
+
+def routed_slots(cfg: TeleChatConfig) -> float:
+    """Expert slots per token of a training forward: k x capacity_factor, or every expert's slot (E) when
+    nothing is dropped (capacity_factor 0)."""
+    if not cfg.is_moe:
+        return 1.0
+    return cfg.num_experts_per_tok * cfg.capacity_factor if cfg.capacity_factor > 0 else float(cfg.num_experts)
 
 
 def layer_activation_elems(cfg: TeleChatConfig, dims: ParallelDims, inp: MemoryInputs, *, full: bool = False,
@@ -99,7 +119,7 @@ def layer_activation_elems(cfg: TeleChatConfig, dims: ParallelDims, inp: MemoryI
     b, s, t, c = inp.micro_batch_size, inp.seq, dims.mp, dims.cp
     x = b * s * cfg.hidden_size / c
     xk = b * s * cfg.num_key_value_heads * cfg.head_dim / c
-    xf = b * s * cfg.ffn_hidden_size / c
+    xf = b * s * cfg.ffn_hidden_size * routed_slots(cfg) / c   # MoE: the routed tokens' expert activations
     if full:
         return a * (x / t if (dims.sp or inp.slice_activation) else x)
     elems = 2 * x / (t if dims.sp else 1)                    # norm inputs
@@ -115,6 +135,9 @@ def layer_activation_elems(cfg: TeleChatConfig, dims: ParallelDims, inp: MemoryI
             elems += 2 * x / t                               # repeated k, v
     elems += x / t                                           # wo input
     elems += 2 * xf / t if select else 4 * xf / t            # w1, w3 outputs (+ silu, mul outputs)
+    if cfg.is_moe:                                           # dispatched inputs, expert outputs, routing
+        elems += 2 * x * routed_slots(cfg)
+        extra_bytes += 4 * 2 * b * s * cfg.num_experts_per_tok * cfg.num_experts / c
     return a * elems + extra_bytes
 
 
@@ -146,6 +169,10 @@ def stage_memory(cfg: TeleChatConfig, dims: ParallelDims, layout: StageLayout, i
         # (parameters per device, replicas the parallel optimizer can shard them over)
         groups = [(len(ids) * lp_mp / dims.mp, dims.dp * dims.cp), (len(ids) * lp_small, 1)]
         copies = sum(lp_mp / dims.mp for i in ids if i not in inp.full)
+        if cfg.is_moe:  # experts split over ep x mp; the parallel optimizer shards them over the other dp ranks
+            ex = expert_params(cfg) / (dims.ep * dims.mp)
+            groups.append((len(ids) * ex, dims.dp * dims.cp // dims.ep))
+            copies += sum(ex for i in ids if i not in inp.full)
         if st == 0:
             groups.append((v * h / vocab_split, dims.dp * dims.cp * dims.mp // vocab_split))
         if st == dims.pp - 1:
@@ -186,10 +213,12 @@ def predict_memory(cfg: TeleChatConfig, dims: ParallelDims, batch: int, seq: int
     lp_mp, lp_small = layer_params(cfg)
     vh = cfg.vocab_size * cfg.hidden_size
     vocab_split = 1 if dims.vocab_emb_dp or cfg.vocab_size % mp else mp
-    weights = w * (cfg.n_layer * (lp_mp / mp + lp_small) + 2 * vh / vocab_split + cfg.hidden_size)
+    weights = w * (cfg.n_layer * ((lp_mp + expert_params(cfg)) / mp + lp_small) + 2 * vh / vocab_split
+                   + cfg.hidden_size)
     kv = kv_bytes_per_token(cfg, dims) * batch * seq
     kd = cfg.num_key_value_heads * d
-    working = a * batch * seq * (4 * cfg.hidden_size + (cfg.hidden_size + 2 * kd) / mp + 3 * cfg.ffn_hidden_size / mp)
+    ffn = 3 * cfg.ffn_hidden_size / mp * (cfg.num_experts if cfg.is_moe else 1)  # MoE prefill: a slot per expert
+    working = a * batch * seq * (4 * cfg.hidden_size + (cfg.hidden_size + 2 * kd) / mp + ffn)
     if cfg.use_flash_attention:
         working += a * 2 * batch * seq * n * d / mp if cfg.n_rep > 1 else 0.0
     else:
@@ -218,11 +247,12 @@ def largest_fitting(total, limit_bytes: float, upper: int) -> int:
 
 def released_size(cfg: TeleChatConfig) -> str | None:
     """'3b' / '7b' / '35b' / '115b' when the config has a released model's shape, else None."""
-    keys = ("n_layer", "hidden_size", "ffn_hidden_size", "n_head", "num_key_value_heads", "vocab_size")
-    for name in ("3b", "7b", "35b", "115b"):
+    keys = ("n_layer", "hidden_size", "ffn_hidden_size", "n_head", "num_key_value_heads", "vocab_size",
+            "num_experts", "num_experts_per_tok")
+    for name in ("3b", "7b", "35b", "115b", "telechat2_39b_a12b"):
         ref = TeleChatConfig.preset(name)
         if all(getattr(ref, k) == getattr(cfg, k) for k in keys):
-            return name
+            return name.removeprefix("telechat2_")
     return None
 
 
@@ -262,9 +292,10 @@ def training_flops(cfg: TeleChatConfig, seq: int, tokens_per_step: int, full_fra
     recomputed layers (reported separately: it costs time but is not model FLOPs).
     """
     lp_mp, _ = layer_params(cfg)
-    matmul = cfg.n_layer * lp_mp + cfg.vocab_size * cfg.hidden_size
+    active = lp_mp + expert_params(cfg, active=True) + cfg.num_experts * cfg.hidden_size  # MoE: k experts + router
+    matmul = cfg.n_layer * active + cfg.vocab_size * cfg.hidden_size
     attn = 2 * cfg.n_layer * seq * cfg.hidden_size
     fwd = 2 * matmul + attn
-    recompute = full_fraction * (2 * cfg.n_layer * lp_mp + attn)
+    recompute = full_fraction * (2 * cfg.n_layer * active + attn)
     return Flops(per_token=3 * fwd, per_step=3 * fwd * tokens_per_step, tokens_per_step=tokens_per_step,
                  recompute_per_token=recompute)

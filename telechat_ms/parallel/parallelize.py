@@ -16,12 +16,13 @@ from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import ConfigError
 from telechat_ms.job_config import ModelSection, ParallelConfig, ParallelContext, RecomputeConfig
 from telechat_ms.parallel.layout import ParallelDims, StageLayout, check_layout, per_stage_layers, stage_layout
-from telechat_ms.parallel.strategies import (Shard, apply_strategies, parameter_splits, predict_strategy_table,
-                                             strategy_table)
+from telechat_ms.parallel.strategies import (Shard, apply_strategies, moe_groups, parameter_splits,
+                                             predict_strategy_table, strategy_table)
 
 # Primitives recomputed by selective recompute (MindFormers' default patterns feed_forward.mul and the
 # SiLU, plus the attention-score ops when flash attention is off).
 SELECT_FFN = ("feed_forward.mul", "feed_forward.silu.silu")
+SELECT_MOE = ("feed_forward.ffn.mul", "feed_forward.ffn.silu.silu")   # the same, in the MoE experts
 SELECT_ATTN = ("attention.tile_kv", "attention.qk_matmul", "attention.mul_scale", "attention.mask_add",
                "attention.softmax", "attention.pv_matmul")
 
@@ -101,7 +102,8 @@ def _recompute(model, rc: RecomputeConfig, full: set[int], select: set[int], com
                             recompute_slice_activation=rc.recompute_slice_activation)
             continue
         if i in select:
-            for path in SELECT_FFN + (() if flash else SELECT_ATTN):
+            ffn = SELECT_MOE if hasattr(layer.feed_forward, "ffn") else SELECT_FFN
+            for path in ffn + (() if flash else SELECT_ATTN):
                 prim = layer
                 for part in path.split("."):
                     prim = getattr(prim, part)
@@ -135,6 +137,9 @@ def parallelize(model, pc: ParallelConfig, rc: RecomputeConfig, par: ParallelCon
     fused = not getattr(model.model.norm_out, "self_define", True)
     table = strategy_table(cfg, dims, fused_norm=fused, batched_inputs=batched_inputs)
     apply_strategies(model, table)
+    if cfg.is_moe:  # route (and cap) each token shard on its own, as MindFormers does per data-parallel shard
+        for layer in model.model.layers:
+            layer.feed_forward.groups = moe_groups(dims)
     ring = _ring_attention(model, dims) if cfg.use_flash_attention else False
     _pipeline_stages(model, dims, layout)
     _comm_fusion(model, dims, pc.gradient_aggregation_group)
@@ -187,5 +192,5 @@ def parallelize_predict(model, pc: ParallelConfig, source: str = "") -> AppliedP
     apply_strategies(model, table)
     for layer in model.model.layers:
         layer.attention.cache_write_by_add = True
-    splits = parameter_splits([p.name for p in model.get_parameters()], table)
+    splits = parameter_splits([p.name for p in model.get_parameters() if p.requires_grad], table)  # not MoE stats
     return AppliedPredict(dims=dims, table=table, param_splits=splits)

@@ -15,7 +15,7 @@ from telechat_ms.errors import ConfigError
 from telechat_ms.job_config import JobConfig
 from telechat_ms.parallel.layout import Issue, ParallelDims, StageLayout, check_layout, stage_layout
 from telechat_ms.parallel.memory import (FORMULAS, GIB, HBM_GBS_ATLAS_800T_A2, PREDICT_FORMULAS,
-                                         PUBLISHED_DECODE_TOKENS_S, DecodeEstimate, Flops, MemoryInputs, StageMemory,
+                                         PUBLISHED_DECODE_TOKENS_S, PUBLISHED_FINETUNE_TOKENS_S, DecodeEstimate, Flops, MemoryInputs, StageMemory,
                                          kv_bytes_per_token, largest_fitting, predict_memory, released_size,
                                          stage_memory, training_flops)
 from telechat_ms.parallel.parallelize import recompute_sets
@@ -68,6 +68,8 @@ class PlanReport:
     tokens_per_s_per_npu: float = 0.0
     mfu: float = 0.0
     peak_tflops: float = 0.0
+    params: str = ""                          # MoE: total and active parameter counts
+    published_train: float | None = None      # published fine-tuning tokens/s per NPU of this model
     what_if: dict[str, float] = field(default_factory=dict)   # peak bytes under other recompute / optimizer choices
     predict: PredictPlan | None = None
 
@@ -173,6 +175,9 @@ def make_plan(job: JobConfig, launch: Launch | None = None, hbm_gb: float = 64.0
     seq = job.runner_config.seq_length or cfg.seq_length
     issues, layout = _check_job(job, cfg, dims, seq, launch)
     report = PlanReport(source=job.source, dims=dims, issues=issues, launch=launch, mfu=mfu, peak_tflops=peak_tflops)
+    if cfg.is_moe:
+        report.params = (f"{cfg.num_parameters() / 1e9:.2f}B total, {cfg.num_parameters(active=True) / 1e9:.2f}B "
+                         f"active per token ({cfg.num_experts_per_tok} of {cfg.num_experts} experts)")
     limit = _gib(job.context.max_device_memory)
     report.limit_gib = min(limit, hbm_gb - runtime_reserve_gb) if limit else hbm_gb - runtime_reserve_gb
     if layout is None or not report.valid:
@@ -205,6 +210,8 @@ def make_plan(job: JobConfig, launch: Launch | None = None, hbm_gb: float = 64.0
     micro = dims.micro if dims.pp > 1 else 1
     tokens = job.runner_config.batch_size * dims.dp * micro * job.runner_config.gradient_accumulation_steps * seq
     report.flops = training_flops(cfg, seq, tokens, len(full) / cfg.n_layer)
+    report.published_train = PUBLISHED_FINETUNE_TOKENS_S.get(released_size(cfg) or "") \
+        if job.run_mode == "finetune" else None
     report.tokens_per_s_per_npu = mfu * peak_tflops * 1e12 / report.flops.per_token  # each NPU: 1/world of it all
     return report
 
@@ -236,6 +243,7 @@ def format_plan(r: PlanReport) -> str:
     d = r.dims
     lines = [f"plan for {r.source}",
              f"  layout: dp {d.dp} x mp {d.mp} x pp {d.pp} x cp {d.cp} = {d.world} NPUs"
+             f"{'; expert_parallel %d' % d.ep if d.ep > 1 else ''}"
              f"{' (ulysses %d)' % d.cp_ulysses if d.cp_ulysses > 1 else ''}; sequence parallel "
              f"{'on' if d.sp else 'off'}; micro batches {d.micro}; interleave {d.interleave}"]
     if r.launch.world is not None:
@@ -266,14 +274,21 @@ def format_plan(r: PlanReport) -> str:
         if d.interleave > 1:
             lines.append(f"  note: under Megatron's interleaved 1F1B (more micro batches in flight on early stages) "
                          f"the peak would be {r.interleave_peak / GIB:.2f} GiB")
+    if r.params:
+        lines.append("  parameters: " + r.params)
     if r.flops:
         f = r.flops
-        lines.append(f"  FLOPs: {f.per_token / 1e9:.1f} GFLOP/token (6 x matmul params + 6 x layers x s x h), "
+        lines.append(f"  FLOPs: {f.per_token / 1e9:.1f} GFLOP/token (6 x matmul params + 6 x layers x s x h"
+                     f"{'; MoE: the active parameters' if r.params else ''}), "
                      f"{f.per_step / 1e15:.2f} PFLOP/step over {f.tokens_per_step} tokens; full recompute adds "
                      f"{f.recompute_per_token / 1e9:.1f} GFLOP/token")
         lines.append(f"  throughput at MFU {r.mfu:.0%} of {r.peak_tflops:.0f} TFLOPS: "
                      f"{r.tokens_per_s_per_npu:.0f} tokens/s per NPU "
                      f"({f.tokens_per_step / (r.tokens_per_s_per_npu * d.world):.1f} s/step)")
+        if r.published_train:
+            lines.append(f"  published fine-tuning (MindSpore port, Atlas 800T A2): {r.published_train} tokens/s per "
+                         f"NPU = {r.published_train / r.tokens_per_s_per_npu:.0%} of this estimate "
+                         f"(MFU {r.mfu * r.published_train / r.tokens_per_s_per_npu:.0%})")
     lines.append(f"verdict: {'VALID' if r.valid else 'INVALID'}"
                  + (f", {'fits' if r.fits else 'does not fit'} in memory" if r.stages else ""))
     return "\n".join(lines)

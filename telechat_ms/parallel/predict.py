@@ -25,13 +25,13 @@ from mindspore.common.initializer import initializer
 from mindspore.ops import operations as P
 
 from telechat_ms.backend import ms_dtype
-from telechat_ms.checkpoint_io import checkpoint_entries, convert_dtype
+from telechat_ms.checkpoint_io import checkpoint_entries
 from telechat_ms.errors import CheckpointError, ConfigError
 from telechat_ms.infer.kv_cache import CachedStep, JitCachedStep
 from telechat_ms.parallel.parallelize import AppliedPredict
 from telechat_ms.parallel.strategies import Shard, apply_strategies, cache_clear_strategies
 from telechat_ms.positions import cache_inputs
-from telechat_ms.weights import canonical_entries, hf_to_ms
+from telechat_ms.weights import model_tensors
 
 
 class ClearSlots(nn.Cell):
@@ -225,12 +225,11 @@ def check_layouts(layout: dict, splits: dict[str, tuple]) -> None:
 def load_sharded_checkpoint(model, path: str, splits: dict[str, tuple], rank: int) -> None:
     """Fill a model whose parameters are this rank's slices, one full tensor read (and cut) at a time."""
     params = {p.name: p for p in model.get_parameters()}
-    for hf_name, entry in canonical_entries(checkpoint_entries(path), model.config).items():
-        name = hf_to_ms(hf_name)
+    for name, full, entry in model_tensors(checkpoint_entries(path), model.config):
         param = params.get(name)
         if param is None:
             raise CheckpointError(f"{entry.file}: tensor '{entry.name}' has no parameter '{name}' in the model")
-        part = split_block(convert_dtype(entry.read(), entry.dtype, "float32"), splits[name], rank)
+        part = split_block(full, splits[name], rank)
         if tuple(param.shape) != part.shape:
             raise CheckpointError(f"{entry.file}: parameter {name} has shape {list(param.shape)} on rank {rank}, "
                                   f"its declared split {splits[name]} gives {list(part.shape)}")

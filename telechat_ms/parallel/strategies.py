@@ -98,6 +98,9 @@ def layer_strategies(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool |
         "add_attn": Shard((s_in, s_in)),
         "add_ffn": Shard((s_in, s_in)),
     })
+    if cfg.is_moe:
+        t = {k: v for k, v in t.items() if not k.startswith("feed_forward.")}
+        t.update(moe_strategies(cfg, dims))
     if cfg.use_flash_attention:
         kv = (dp, hs, cr, 1)                        # ring attention passes kv chunks around the cp ring
         t["attention.flash_attention.flash_attention"] = Shard((inner, kv, kv, (mask_b, 1, cr, 1)))
@@ -113,6 +116,55 @@ def layer_strategies(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool |
             "attention.pv_matmul": Shard((heads, heads)),
         })
     return t
+
+
+def moe_strategies(cfg: TeleChatConfig, dims: ParallelDims) -> dict[str, Shard]:
+    """The MoE FFN (model/moe.py), keyed relative to the layer, as MindFormers lays it out. Tokens are routed in
+    T groups (T = dp x cp, x mp with sequence parallel: the residual stream's shards; the layer's `groups`), each
+    with its own capacity, so routing, dispatch gather and combine stay local to a rank; the expert buffer
+    [E, T * cap, H] is split by ep on experts and by the dp x cp / ep remaining data shards on slots, the expert
+    FFN by mp (w2 reduces over mp). Between the group-split [T, E, cap, H] dispatch and the expert-split buffer
+    (and back for the combine) MindSpore inserts the AllToAll of expert parallelism. Only the scatter building
+    the slot -> token table sees every group's int32 indices (replicated)."""
+    ep, mp = dims.ep, dims.mp
+    tr = dims.dp * dims.cp * (mp if dims.sp else 1)     # routing groups = token shards
+    dm = dims.dp * dims.cp // ep                         # data shards left per expert-parallel rank
+    tok, g2, g3, g4 = (tr, 1), (tr, 1), (tr, 1, 1), (tr, 1, 1, 1)
+    f = "feed_forward."
+    return {
+        f + "router.dense.matmul": Shard((tok, (1, 1))),
+        f + "softmax": Shard((tok,)), f + "topk": Shard((tok,)),
+        f + "gate_sum": Shard((tok,)), f + "gate_div": Shard((tok, tok)),
+        f + "transpose_idx": Shard((g3,)),
+        f + "onehot": Shard((g3, (), ())),
+        f + "cumsum": Shard((g3,)), f + "pos_mul": Shard((g3, g3)), f + "pos_sum": Shard((g3,)),
+        f + "less_equal": Shard((g2, ())), f + "slot_mul": Shard((g2, ())), f + "slot_add": Shard((g2, g2)),
+        f + "keep_select": Shard((g2, g2, g2)), f + "slot_off": Shard((g2, g2)),
+        f + "scatter": Shard(((1, 1), (1,))),
+        f + "concat_x": Shard((g3, g3)),
+        f + "gather_in": Shard((g3, g2)),                              # dispatch inside each group
+        f + "transpose_in": Shard((g4,)),                              # -> [E, T, cap, H]: the AllToAll
+        f + "ffn.w1.matmul": Shard(((ep, dm, 1), (ep, mp, 1))),
+        f + "ffn.w3.matmul": Shard(((ep, dm, 1), (ep, mp, 1))),
+        f + "ffn.silu.silu": Shard(((ep, dm, mp),)),
+        f + "ffn.mul": Shard(((ep, dm, mp), (ep, dm, mp))),
+        f + "ffn.w2.matmul": Shard(((ep, dm, mp), (ep, 1, mp))),       # reduces over mp
+        f + "ffn.w2.bias_add": Shard(((1, ep, dm, 1), (1, ep, 1, 1))),
+        f + "transpose_back": Shard(((ep, dm, 1, 1),)),                # back to [T, E, cap, H]: the AllToAll
+        f + "concat_out": Shard((g3, g3)),
+        f + "transpose_slot": Shard((g3,)),
+        f + "gather_out": Shard((g3, g2)),                             # combine inside each group
+        f + "coeff_mul": Shard((g4, g4)),
+        f + "combine_sum": Shard((g4,)),
+        f + "mean_probs": Shard((g3,)), f + "mean_load": Shard((g3,)),
+        f + "aux_mul": Shard((g2, g2)), f + "aux_sum": Shard((g2,)), f + "aux_scale": Shard(((), ())),
+        f + "count_sum": Shard((g3,)), f + "kept_sum": Shard((g2,)),
+    }
+
+
+def moe_groups(dims: ParallelDims) -> int:
+    """Routing groups of a sharded MoE layer: one per shard of the tokens (the residual stream's split)."""
+    return dims.dp * dims.cp * (dims.mp if dims.sp else 1)
 
 
 def model_strategies(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool | None = None) -> dict[str, Shard]:

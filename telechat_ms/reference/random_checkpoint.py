@@ -23,6 +23,11 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def tiny_moe_config(**overrides: Any) -> dict[str, Any]:
+    """tiny_config as an MoE: 8 experts of 96, top-2, renormalized (TeleChat2-39B-A12B's structure, scaled down)."""
+    return tiny_config(**{"num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True, **overrides})
+
+
 def hf_config_json(config: dict[str, Any]) -> dict[str, Any]:
     """The config.json dict with the released field names and fixed released values filled in."""
     ref = RefConfig.from_hf_dict(config)
@@ -70,10 +75,14 @@ def random_state_dict(config: dict[str, Any], seed: int = 0, qk_scale: float = 1
         sd[p + "self_attention.dense.weight"] = normal(h, h)
         sd[p + "self_attention.dense.bias"] = normal(h)
         sd[p + "post_attention_layernorm.weight"] = norm()
-        sd[p + "mlp.gate_proj.weight"] = normal(f, h)
-        sd[p + "mlp.up_proj.weight"] = normal(f, h)
-        sd[p + "mlp.down_proj.weight"] = normal(h, f)
-        sd[p + "mlp.down_proj.bias"] = normal(h)
+        if cfg.num_experts > 1:  # MoE (spec 12): router + mlp.local_experts.E.*; a wider router spreads choices
+            sd[p + "mlp.router.weight"] = normal(cfg.num_experts, h) * 10
+        mlps = [p + "mlp."] if cfg.num_experts <= 1 else [f"{p}mlp.local_experts.{e}." for e in range(cfg.num_experts)]
+        for m in mlps:
+            sd[m + "gate_proj.weight"] = normal(f, h)
+            sd[m + "up_proj.weight"] = normal(f, h)
+            sd[m + "down_proj.weight"] = normal(h, f)
+            sd[m + "down_proj.bias"] = normal(h)
     sd["transformer.ln_f.weight"] = norm()
     sd["lm_head.weight"] = normal(v, h)
     return sd

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from telechat_ms.reference.torch_moe import MoE
+
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (key after RoPE, value), each [B, K, T, d]
 
 _ALIASES = {  # released name -> other names seen in transformers-style configs
@@ -19,6 +21,8 @@ _ALIASES = {  # released name -> other names seen in transformers-style configs
     "hidden_size": ("n_embed",),
     "ffn_hidden_size": ("intermediate_size",),
     "layer_norm_epsilon": ("rms_norm_eps",),
+    "num_experts": ("num_local_experts", "n_routed_experts", "expert_num"),
+    "num_experts_per_tok": ("num_experts_chosen", "moe_topk"),
 }
 
 
@@ -40,6 +44,9 @@ class RefConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 3
+    num_experts: int = 0          # > 1: every FFN is an MoE of that many experts (torch_moe.MoE)
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = True
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -187,7 +194,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.self_attention = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
+                       cfg.norm_topk_prob) if cfg.num_experts > 1 else MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, tuple]:

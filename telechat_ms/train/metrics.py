@@ -50,9 +50,9 @@ class MetricsLogger:
             print(message, flush=True)
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, seconds: float,
-             supervised: int = 0) -> None:
+             supervised: int = 0, extra: dict | None = None) -> None:
         """Record one optimizer step; `tokens` = all tokens the step processed (the throughput), `supervised` =
-        the targets its loss averaged over."""
+        the targets its loss averaged over; `extra` = more fields of the record (MoE router statistics)."""
         if not self.enabled:
             return
         self.steps_run += 1
@@ -61,13 +61,14 @@ class MetricsLogger:
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                   "supervised_tokens": supervised,
                   "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "step_s": seconds,
-                  "elapsed_s": elapsed}
+                  "elapsed_s": elapsed, **(extra or {})}
         self.history.append(record)
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                self.tb.add_scalar(f"train/{key}", record[key], step)
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "aux_loss", "dropped_fraction"):
+                if key in record:
+                    self.tb.add_scalar(f"train/{key}", record[key], step)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")

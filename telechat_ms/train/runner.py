@@ -54,6 +54,7 @@ class AccumulatingRunner:
         self.finish = Finish(optimizer, self.trainable, world_size, wrapper, self.loss_scale)
         self.fused = FusedStep(self.loss_sum, self.trainable, self.finish)
         self.buffers = None                     # (grads, loss) accumulation buffers, only when accumulating
+        self.after_micro = None  # called after each micro batch's launch (MoE router statistics; reads the device)
         self.accumulate = self.finish_buffers = None
         self._configure(self.fused)
         if accumulation > 1:
@@ -82,13 +83,18 @@ class AccumulatingRunner:
         if len(micro) == 1:
             batch = micro[0]
             cos, sin, mask = positions(batch)
-            return PendingStep(self.fused(Tensor(batch["input_ids"]), Tensor(batch["labels"]), cos, sin, mask,
-                                          count, lr_t))
+            pending = PendingStep(self.fused(Tensor(batch["input_ids"]), Tensor(batch["labels"]), cos, sin, mask,
+                                             count, lr_t))
+            if self.after_micro is not None:
+                self.after_micro()
+            return pending
         if self.accumulate is None:
             self._make_accumulation()
         for batch in micro:
             cos, sin, mask = positions(batch)
             self.accumulate(Tensor(batch["input_ids"]), Tensor(batch["labels"]), cos, sin, mask)
+            if self.after_micro is not None:
+                self.after_micro()
         return PendingStep(self.finish_buffers(count, lr_t))
 
     def loss_scale_state(self) -> tuple[float, int]:

@@ -65,13 +65,20 @@ def token_count_tensor(tokens: int) -> Tensor:
 
 
 class LossSum(nn.Cell):
-    """Forward returning sum(nll) * loss_scale (the count is computed on the host from the labels)."""
+    """Forward returning sum(nll) * loss_scale (the count is computed on the host from the labels); an MoE model
+    adds its load-balancing loss times this micro batch's targets, so the step's loss is the token mean of
+    nll + aux."""
 
     def __init__(self, model):
         super().__init__(auto_prefix=False)
         self.model = model
 
     def construct(self, input_ids, labels, cos, sin, attn_mask, loss_scale):
+        if self.model.config.is_moe:  # MoE: training capacity + the load-balancing loss, weighted by the targets
+            hidden, aux = self.model.model.construct_aux(input_ids, cos, sin, attn_mask)
+            logits = self.model.cast(self.model.lm_head(hidden), ms.float32)
+            nll_sum, count = self.model.loss_terms(logits, labels)
+            return (nll_sum + aux * count) * loss_scale
         hidden = self.model.model(input_ids, cos, sin, attn_mask)
         logits = self.model.cast(self.model.lm_head(hidden), ms.float32)
         nll_sum, _ = self.model.loss_terms(logits, labels)

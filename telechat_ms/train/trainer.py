@@ -52,7 +52,7 @@ def build_model(job: JobConfig):
         model = TeleChatForCausalLM.from_pretrained(job.load_checkpoint, config=cfg)
     else:
         model = TeleChatForCausalLM(job.model_config())
-    trainable = [p for p in model.get_parameters()]
+    trainable = [p for p in model.get_parameters() if p.requires_grad]  # not an MoE layer's router statistics
     if job.model.lora is not None:
         from telechat_ms.model.lora import apply_lora
         lora = job.model.lora
@@ -144,6 +144,11 @@ def train(job: JobConfig) -> TrainResult:
         stepper = AccumulatingRunner(model, trainable, optimizer, run.world_size, job.runner_wrapper, jit_config,
                                      accumulation=runner.gradient_accumulation_steps)
     positions = PositionCache(model.config, layout, loader.max_segments)
+    router_stats = None
+    if model.config.is_moe and not sharded:
+        from telechat_ms.train.router_stats import RouterStats
+        router_stats = RouterStats(model)
+        stepper.after_micro = router_stats.collect
 
     out_dir = job.output_dir
     # Replicated weights (stand_alone, data_parallel): rank 0 writes one checkpoint. Sharded weights
@@ -176,7 +181,7 @@ def train(job: JobConfig) -> TrainResult:
     result = TrainResult(steps=total_steps)
     last_ckpt = resume or ""
 
-    def finish(step: int, lr: float, tokens: int, pending, seconds: float) -> None:
+    def finish(step: int, lr: float, tokens: int, pending, seconds: float, extra: dict | None = None) -> None:
         """Read a launched step's loss and norm (after the next step was launched), log it or stop on non-finite."""
         outcome = pending.outcome()
         loss, norm = outcome.loss, outcome.grad_norm
@@ -189,7 +194,7 @@ def train(job: JobConfig) -> TrainResult:
                                 f"The last good checkpoint is {last_ckpt or 'none (no checkpoint saved yet)'}")
         result.losses.append(loss)
         logger.step(step + 1, loss=loss, lr=lr, grad_norm=norm, tokens=loader.global_batch * loader.seq_length,
-                    supervised=tokens, seconds=seconds)
+                    supervised=tokens, seconds=seconds, extra=extra)
 
     pending = None  # (step, lr, tokens, start time, PendingStep) of the step launched last, not yet read
     for step in range(start, total_steps):
@@ -198,14 +203,15 @@ def train(job: JobConfig) -> TrainResult:
         lr = lr_at(step, job.lr_schedule, total_steps)
         optimizer.learning_rate.set_data(Tensor(np.float32(lr)))  # what MindFormers' cells read (semi-auto)
         launched = stepper.run(micro, tokens, positions, lr)
+        stats = router_stats.pop() if router_stats is not None else None   # this step's (collected in run)
         if pending is not None:  # one step late: the device already has the next step
-            finish(*pending[:3], pending[4], t0 - pending[3])
-        pending = (step, lr, tokens, t0, launched)
+            finish(*pending[:3], pending[4], t0 - pending[3], pending[5])
+        pending = (step, lr, tokens, t0, launched, stats)
         done = step + 1 == total_steps
         interval = job.callbacks.save_interval
         saving = (run.is_main or sharded) and (done or (interval > 0 and (step + 1) % interval == 0))
         if saving or done or _fault("kill_after_step", step + 1):
-            finish(*pending[:3], pending[4], time.perf_counter() - t0)
+            finish(*pending[:3], pending[4], time.perf_counter() - t0, pending[5])
             pending = None
         if saving:
             loss_scale, good_steps = stepper.loss_scale_state()
