@@ -12,11 +12,15 @@ the ranks (one AllReduce): the loss is the global token mean, the same for any n
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
 
 import numpy as np
 
 from telechat_ms.errors import DataError
+from telechat_ms.io import atomic_output_dir, atomic_write_text
 from telechat_ms.positions import BATCHED, SHARED, VARLEN, training_inputs
 from telechat_ms.special_tokens import IGNORE_INDEX
 
@@ -152,3 +156,61 @@ def heldout_loss(model, dataset_dir: str, batch_size: int, max_steps: int | None
     this process's rank and the world size: the result is the global mean, the same on every rank.
     """
     return HeldoutEvaluator(model, dataset_dir, batch_size, rank=rank, world_size=world_size)(max_steps)
+
+
+BEST_DIR = "best"
+BEST_STATE = "eval_state.json"
+
+
+class TrainingEval:
+    """do_eval inside the training loop (MindFormers' EvalCallBack schedule): evaluate after optimizer step s when
+    s % eval_step_interval == 0 or when s ends an epoch whose number is a multiple of eval_epoch_interval; keep the
+    model with the lowest eval loss in checkpoints/best/ (written atomically; keep_checkpoint_max never removes it).
+    Its state (the best loss and step) travels in the training checkpoints, so a resumed run continues the schedule
+    and the best value exactly."""
+
+    def __init__(self, job, model, batches_per_epoch: int, rank: int, world_size: int, best_root: str,
+                 save_model, is_main: bool, positions=None):
+        ds = job.eval_dataset
+        self.step_interval, self.epoch_interval = job.eval_step_interval, job.eval_epoch_interval
+        self.max_steps = job.eval_max_steps if job.eval_max_steps > 0 else None
+        self.batches_per_epoch = max(batches_per_epoch, 1)
+        self.evaluator = HeldoutEvaluator(model, ds.data_dir, ds.batch_size or job.runner_config.batch_size,
+                                          rank=rank, world_size=world_size, positions=positions)
+        self.best_dir = os.path.join(best_root, BEST_DIR)
+        self.save_model, self.is_main = save_model, is_main
+        self.best_loss: float | None = None
+        self.best_step = 0
+
+    def due(self, step: int) -> bool:
+        """Whether to evaluate after optimizer step `step` (1-based)."""
+        if self.step_interval > 0 and step % self.step_interval == 0:
+            return True
+        if self.epoch_interval > 0 and step % self.batches_per_epoch == 0:
+            return (step // self.batches_per_epoch) % self.epoch_interval == 0
+        return False
+
+    def __call__(self, step: int) -> dict:
+        """Evaluate now; save checkpoints/best/ when the loss improved. Returns the metrics record's eval fields."""
+        t0 = time.perf_counter()
+        result = self.evaluator(self.max_steps)
+        improved = self.best_loss is None or result["loss"] < self.best_loss
+        if improved:
+            self.best_loss, self.best_step = result["loss"], step
+            if self.is_main:
+                self._save_best(step, result)
+        return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
+                "eval_tokens": result["tokens"], "eval_best_loss": self.best_loss, "eval_best_step": self.best_step,
+                "eval_s": time.perf_counter() - t0}
+
+    def _save_best(self, step: int, result: dict) -> None:
+        with atomic_output_dir(self.best_dir, overwrite=True) as tmp:
+            self.save_model(tmp)
+            atomic_write_text(os.path.join(tmp, BEST_STATE), json.dumps({"step": step, **result}, indent=2) + "\n")
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "best_step": self.best_step}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            self.best_loss, self.best_step = state.get("best_loss"), int(state.get("best_step", 0))
