@@ -67,7 +67,7 @@ def _check_value(value: Any, tp: Any, path: str, where: Where) -> Any:
                 return _check_value(value, arg, path, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise errors[0] if len(errors) == 1 else ConfigError(
+        raise ConfigError(errors[0]) if len(errors) == 1 else ConfigError(
             f"{where(path)} has the wrong type: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

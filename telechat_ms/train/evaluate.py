@@ -25,8 +25,17 @@ from telechat_ms.positions import BATCHED, SHARED, VARLEN, training_inputs
 from telechat_ms.special_tokens import IGNORE_INDEX
 
 
+_CELL_CLASS: list = []   # one class per process (built on first use: MindSpore is imported lazily)
+
+
 def _nll_cell(model):
     """The compiled forward: (sum of the shifted target NLL, number of targets) of one batch, in float32."""
+    if not _CELL_CLASS:
+        _CELL_CLASS.append(_define_cell())
+    return _CELL_CLASS[0](model)
+
+
+def _define_cell():
     import mindspore as ms
     from mindspore import nn
 
@@ -41,7 +50,7 @@ def _nll_cell(model):
             logits = self.net.cast(self.net.lm_head(hidden), ms.float32)
             return self.net.loss_terms(logits, labels)
 
-    return NllSum(model)
+    return NllSum
 
 
 class _Positions:
@@ -124,18 +133,27 @@ class HeldoutEvaluator:
         rows["labels"][len(real):] = IGNORE_INDEX
         return rows
 
-    def __call__(self, max_steps: int | None = None) -> dict:
-        """{loss, perplexity, tokens, rows, steps}: the token-mean NLL over the first max_steps global batches
-        (None or <= 0: the whole directory)."""
+    def steps(self, max_steps: int | None = None) -> int:
+        """Global batches an evaluation reads: all of them, or the first max_steps (None or <= 0: all)."""
+        return self.steps_per_pass if max_steps is None or max_steps <= 0 else min(max_steps, self.steps_per_pass)
+
+    def local_sums(self, max_steps: int | None = None) -> tuple[float, float]:
+        """(NLL sum, target count) of this rank's rows of the evaluated batches, before any reduction."""
         from mindspore import Tensor
-        steps = self.steps_per_pass if max_steps is None or max_steps <= 0 else min(max_steps, self.steps_per_pass)
         nll, count = 0.0, 0.0
-        for step in range(steps):
+        for step in range(self.steps(max_steps)):
             batch = self._batch(step)
             cos, sin, mask = self.positions(batch)
             s, n = self.cell(Tensor(batch["input_ids"]), Tensor(batch["labels"]), cos, sin, mask)
             nll += float(s.asnumpy())
             count += float(n.asnumpy())
+        return nll, count
+
+    def __call__(self, max_steps: int | None = None) -> dict:
+        """{loss, perplexity, tokens, rows, steps}: the token-mean NLL over the first max_steps global batches
+        (None or <= 0: the whole directory), summed over the data-parallel ranks."""
+        steps = self.steps(max_steps)
+        nll, count = self.local_sums(max_steps)
         if self.reduce is not None:  # the count as (high, low) 12-bit halves: exact in float32 up to 2^36
             whole = int(count)
             nll, high, low = self.reduce(np.array([nll, whole >> 12, whole & 4095]))
