@@ -10,15 +10,16 @@ import argparse
 import sys
 
 from telechat_ms.commands import checkpoints, data, infer, plan, serve, train
+from telechat_ms.commands import eval as eval_cmd
 from telechat_ms.errors import TeleChatError
 
-COMMANDS = (checkpoints, data, train, infer, plan, serve)
+COMMANDS = (checkpoints, data, train, infer, plan, serve, eval_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The telechat-ms parser with every command of COMMANDS."""
     parser = argparse.ArgumentParser(prog="telechat-ms", description="TeleChat2 on MindSpore: convert, prepare "
-                                     "data, train, plan, infer, serve.")
+                                     "data, train, plan, infer, serve, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.register(sub)

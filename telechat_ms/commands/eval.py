@@ -1,0 +1,103 @@
+"""`eval`: the release's benchmark table from a MindSpore checkpoint; `harness`: lm-eval's own CLI with the
+`telechat_ms` model registered."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from telechat_ms.errors import ConfigError
+    from telechat_ms.eval.runner import EvalOptions, run_eval
+    from telechat_ms.eval.tasks import resolve
+    names = resolve(args.tasks)        # a bad --tasks fails before the model loads
+    if not args.data_dir:
+        raise ConfigError("--data-dir is required: the benchmarks' official files under DIR/<task>/, or the "
+                          "MindRecord dir of --tasks perplexity")
+    opts = EvalOptions(tasks=names, data_dir=args.data_dir, output=args.output, num_fewshot=args.num_fewshot,
+                       limit=args.limit, log_samples=args.log_samples, resume=args.resume,
+                       allow_code_execution=args.allow_code_execution, code_timeout=args.code_timeout,
+                       code_memory_mb=args.code_memory_mb, progress=not args.no_progress,
+                       max_gen_toks=args.max_gen_toks)
+    from telechat_ms.eval.runner import check_tasks
+    check_tasks(names, opts)
+    if args.config:
+        from telechat_ms.parallel.predict_job import load_predict_job, reject_flags
+        reject_flags([(args.model_dir, "MODEL_DIR", "load_checkpoint"),
+                      (args.max_model_len, "--max-model-len", "model.model_config.seq_length")])
+        job = load_predict_job(args.config, args.overrides)
+        if job.model_parallel or job.parallel.parallel_mode != "stand_alone":
+            raise ConfigError(f"{job.source}: eval --config runs one stand_alone process for now; model-parallel and "
+                              "data-parallel eval are not built yet (serve --config + lm-eval's local-completions "
+                              "reaches a model-parallel model)")
+        model_dir, max_len, batch = job.load_checkpoint, job.model_config.seq_length, job.batch_size
+    else:
+        if args.overrides:
+            raise ConfigError(f"{args.overrides[0]}: --key.path=value overrides need --config PREDICT.yaml")
+        if not args.model_dir:
+            raise ConfigError("give MODEL_DIR or --config PREDICT.yaml")
+        model_dir, max_len, batch = args.model_dir, args.max_model_len, args.batch_size
+    from telechat_ms.serve.server import set_runtime
+    set_runtime(None, args.cpu_threads)
+    from telechat_ms.eval.model import load_eval_model
+    em = load_eval_model(model_dir, args.tokenizer, batch, max_len, use_jit=args.jit, size=args.size)
+    try:
+        payload = run_eval(em, opts, batch)
+    finally:
+        em.close()
+    md = payload["files"][-1]
+    with open(md, encoding="utf-8") as fh:
+        print(fh.read(), end="")
+    print(json.dumps({"results": payload["files"][-2]}), file=sys.stderr)
+    return 0
+
+
+def _harness(args: argparse.Namespace) -> int:
+    from telechat_ms.eval.harness import run_cli
+    return run_cli(list(args.lm_eval_args))
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    """Add eval and harness."""
+    p = subparsers.add_parser(
+        "eval", allow_abbrev=False, help="benchmark a checkpoint (C-Eval, MMLU, CMMLU, GSM8K, HumanEval, MBPP, BBH, "
+        "IFEval, MT-bench / AlignBench answers, held-out perplexity)",
+        description="Score a checkpoint on benchmarks read from their official release layouts under "
+                    "--data-dir/<task>/ (docs/eval.md), with lm-eval 0.4.13's prompts; writes OUT/results.md and "
+                    "results.json beside the published scores of the evaluated size.")
+    p.add_argument("model_dir", nargs="?", default=None, help="checkpoint directory with tokenizer.model")
+    p.add_argument("--config", default=None, help="predict YAML instead of MODEL_DIR (load_checkpoint, "
+                   "runner_config.batch_size, model.model_config.seq_length); --key.path=value overrides")
+    p.add_argument("--tasks", required=True, help="comma-separated: ceval,mmlu,cmmlu,gsm8k,humaneval,mbpp,bbh,"
+                   "ifeval,mt_bench,alignbench,perplexity")
+    p.add_argument("--data-dir", default=None, help="DIR holding <task>/ in each benchmark's release layout; for "
+                   "perplexity a process-data MindRecord directory")
+    p.add_argument("--num-fewshot", type=int, default=None, help="shots per prompt (default: the task's: 5 for "
+                   "C-Eval/MMLU/CMMLU/GSM8K, 3 for BBH/MBPP, 0 otherwise)")
+    p.add_argument("--limit", type=int, default=None, help="the first N samples of each task (perplexity: N batches)")
+    p.add_argument("--max-gen-toks", type=int, default=None, help="cap on generated tokens per sample (default: the "
+                   "task's: 256 GSM8K, 1024 BBH/HumanEval/MT-bench, 512 MBPP, 1280 IFEval)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward and engine rows (default 8)")
+    p.add_argument("--output", default="eval_out", help="output directory (default ./eval_out)")
+    p.add_argument("--log-samples", action="store_true", help="write OUT/samples_TASK.jsonl, one line per sample")
+    p.add_argument("--resume", action="store_true", help="keep the samples OUT/progress/ already holds")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="run HumanEval/MBPP programs (subprocess, timeout, CPU + memory limits, temp dir)")
+    p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per program (default 10)")
+    p.add_argument("--code-memory-mb", type=int, default=1024, help="address-space limit per program (default 1024)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model or its directory (default: MODEL_DIR)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: seq_length)")
+    p.add_argument("--size", default=None, choices=["3b", "7b", "35b", "39b-a12b", "115b"],
+                   help="whose published scores to show (default: from the model's shape)")
+    p.add_argument("--jit", action="store_true", help="compile the engine's steps (graph mode) for generation")
+    p.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_eval, takes_overrides=True, overrides=[])
+
+    h = subparsers.add_parser(
+        "harness", allow_abbrev=False, add_help=False, help="lm-eval's CLI with the telechat_ms model registered",
+        description="Run lm-evaluation-harness (0.4.13) with `--model telechat_ms --model_args pretrained=DIR` (or "
+                    "config=PREDICT.yaml); every argument goes to lm-eval (try: telechat-ms harness --help).")
+    h.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval's arguments")
+    h.set_defaults(func=_harness)
