@@ -7,6 +7,7 @@ C-Eval's release layout and as chat turns, generated deterministically from a se
 - held-out exam (C-Eval val CSV: id,question,A,B,C,D,answer): questions about the same countries whose options
   (which distractors, in which order) appear in no practice text;
 - chat turns (SFT): "What is the capital of X?" / "X的首都是哪里？" answered with the city.
+Practice and chat train together: prompt-completion records are plain text in the SFT task too (one data mix).
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ LETTERS = ("A", "B", "C", "D")
 
 # (practice wordings, held-out wordings) of each kind of question; {c} = the country
 WORDINGS = {
-    "capital": (["{c}的首都是哪个城市？", "哪个城市是{c}的首都？", "{c}的首都是："],
+    "capital": (["{c}的首都是哪个城市？", "哪个城市是{c}的首都？", "{c}的首都是：", "下列城市中，哪一个是{c}的首都？",
+                 "{c}的首都位于哪座城市？", "你知道{c}的首都是哪里吗？"],
                 ["请问{c}的首都在哪里？", "{c}的首都叫什么？"]),
-    "language": (["{c}的官方语言是什么？", "在{c}，人们主要说哪种语言？", "{c}的通用语言是："],
+    "language": (["{c}的官方语言是什么？", "在{c}，人们主要说哪种语言？", "{c}的通用语言是：", "下列语言中，哪一种是{c}的官方语言？",
+                  "{c}的国民主要使用什么语言？", "你知道{c}人说什么语言吗？"],
                  ["请问{c}说什么语言？", "{c}人日常使用哪种语言？"]),
 }
 FIELD = {"capital": 2, "language": 4}            # the COUNTRIES column that answers each kind
@@ -71,11 +74,9 @@ def write_task(out_dir: str, seed: int = 0, repeat: int = 1) -> dict[str, str]:
     with open(paths["practice"], "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     with open(paths["chat"], "w", encoding="utf-8") as fh:
-        for zh, en, cap_zh, cap_en, lang_zh, lang_en, *_ in COUNTRIES:
+        for zh, en, cap_zh, cap_en, *_ in COUNTRIES:
             for user, bot in ((f"What is the capital of {en}?", f"The capital of {en} is {cap_en}."),
-                              (f"{zh}的首都是哪里？", f"{zh}的首都是{cap_zh}。"),
-                              (f"What language do people speak in {en}?", f"People in {en} speak {lang_en}."),
-                              (f"{zh}人说什么语言？", f"{zh}人说{lang_zh}。")):
+                              (f"{zh}的首都是哪里？", f"{zh}的首都是{cap_zh}。")):
                 fh.write(json.dumps({"input": user, "output": bot}, ensure_ascii=False) + "\n")
     with open(paths["ceval"], "w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
