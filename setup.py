@@ -24,13 +24,17 @@ setup(
     description="TeleChat2 on MindSpore: convert, prepare data, train, infer, serve",
     python_requires=">=3.11",
     packages=find_packages(include=["telechat_ms", "telechat_ms.*"]),
-    package_data={"telechat_ms": ["demo_data/*", "demo_data/**/*", "serve/static/*"]},
+    package_data={"telechat_ms": ["demo_data/*", "demo_data/**/*", "serve/static/*", "eval/tasks/subjects.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "torch": ["torch==2.13.0"],
         # tests: the official OpenAI client and httpx against the server; selenium drives Debian's chromium
         # (selenium 4.52 needs a certifi the index does not have)
-        "dev": ["pytest>=8", "openai==3.51.0", "httpx==0.28.1", "selenium==4.51.0"],
+        "dev": ["pytest>=8", "openai==3.51.0", "httpx==0.28.1", "selenium==4.51.0",
+                # the eval tests: lm-eval's tasks and CLI, its HF model (accelerate) and IFEval's checkers
+                "lm-eval==0.4.13", "accelerate==1.16.0", "langdetect==1.0.9", "immutabledict==4.3.1", "nltk==3.9.1"],
+        # telechat-ms harness (lm-eval's CLI) and IFEval scoring (lm-eval's instruction checkers)
+        "eval": ["lm-eval==0.4.13", "langdetect==1.0.9", "immutabledict==4.3.1", "nltk==3.9.1"],
     },
     entry_points={"console_scripts": ["telechat-ms=telechat_ms.cli:main"]},
 )

@@ -14,6 +14,7 @@
 #   Rank 0 writes the output (or prints the --prompt answer); the other ranks step in lockstep with it.
 #
 #   run_scripts/msrun_predict.sh CONFIG.yaml [WORKERS] serve [serve options] [--key.path=value ...]
+#   run_scripts/msrun_predict.sh CONFIG.yaml [WORKERS] eval --tasks ... --data-dir DIR [eval options]
 #
 #   serves the same job over HTTP (`telechat-ms serve --config`): rank 0 owns --host/--port (default
 #   127.0.0.1:8000) and its continuous-batching engine drives every rank in lockstep.
@@ -56,7 +57,7 @@ except TeleChatError as exc:
     sys.exit(f"error: {exc}")' "$config" "${overrides[@]}") || {
     echo "$0: refusing to launch: cannot read $config" >&2; exit 1; }
   workers=$need
-  if [[ $# -gt 0 && $1 != -* && $1 != serve ]]; then workers=$1; shift; fi
+  if [[ $# -gt 0 && $1 != -* && $1 != serve && $1 != eval ]]; then workers=$1; shift; fi
   [[ $workers =~ ^[1-9][0-9]*$ ]] || { echo "$0: WORKERS '$workers' is not a positive integer; $usage" >&2; exit 2; }
   set +e
   "$PYTHON" -m telechat_ms.cli plan --config "$config" --workers "$workers" --npus-per-node "${NPUS_PER_NODE:-8}" \
@@ -72,6 +73,10 @@ except TeleChatError as exc:
   if [[ $# -gt 0 && $1 == serve ]]; then
     shift
     run "$workers" --tail_worker_log=0 serve --config "$config" "$@"
+  fi
+  if [[ $# -gt 0 && $1 == eval ]]; then      # model parallel: rank 0 evaluates through the leader stepper
+    shift
+    run "$workers" --tail_worker_log=0 eval --config "$config" "$@"
   fi
   run "$workers" --tail_worker_log=0 generate --config "$config" --quiet "$@"
 fi

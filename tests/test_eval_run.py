@@ -5,7 +5,6 @@ perplexity task is training's held-out loss."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import types
 from pathlib import Path

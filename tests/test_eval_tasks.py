@@ -34,7 +34,8 @@ def test_multiple_choice_targets_and_subjects():
     samples = TASKS["ceval"].load(str(DATA), 0)
     assert [(s.subject, s.target) for s in samples] == [("computer_network", 1), ("computer_network", 2),
                                                        ("computer_network", 0), ("logic", 0)]
-    assert samples[2].prompt.endswith('DNS的作用是"域名解析"吗？\nA. 是\nB. 否\nC. 不确定\nD. 都不对\n答案：')
+    assert samples[2].prompt.endswith('DNS的作用是"域名解析"吗？\nA. 是\nB. 否\nC. 不确定\nD. 都不对\n'
+                                      '答案：')
     assert samples[0].choices == [" A", " B", " C", " D"]
     mbpp = TASKS["mbpp"].load(str(DATA), 3)
     assert [s.doc["task_id"] for s in mbpp] == [11, 12]        # test split only; 2-4 are the shots
@@ -51,9 +52,11 @@ def _copy(tmp_path: Path, task: str) -> Path:
     ("ceval", "ceval/val/logic_val.csv", "id,question,A,B,C,D,answer\n0,q,a,b,c,d,E\n", "logic_val.csv:2: answer 'E'"),
     ("mmlu", "mmlu/data/test/anatomy_test.csv", "only,three,cols\n", "anatomy_test.csv:1: 3 columns"),
     ("cmmlu", "cmmlu/test/agronomy.csv", ",Question,A,B,C,D,Answer\n0,q,a,b\n", "agronomy.csv:2: 4 columns"),
-    ("gsm8k", "gsm8k/test.jsonl", '{"question": "q", "answer": "a\\n#### 1"}\n{"question": "q"\n', "test.jsonl:2: not JSON"),
+    ("gsm8k", "gsm8k/test.jsonl", '{"question": "q", "answer": "a\\n#### 1"}\n{"question": "q"\n',
+     "test.jsonl:2: not JSON"),
     ("gsm8k", "gsm8k/test.jsonl", '{"question": "q", "answer": "no marker"}\n', "test.jsonl:1: answer has no '####"),
-    ("mbpp", "mbpp/mbpp.jsonl", '{"task_id": 11, "text": "t", "code": "c"}\n', "mbpp.jsonl:1: field 'test_list' is missing"),
+    ("mbpp", "mbpp/mbpp.jsonl", '{"task_id": 11, "text": "t", "code": "c"}\n',
+     "mbpp.jsonl:1: field 'test_list' is missing"),
     ("ifeval", "ifeval/input_data.jsonl", '{"key": 1, "prompt": 5, "instruction_id_list": [], "kwargs": []}\n',
      "input_data.jsonl:1: field 'prompt' is a int, expected str"),
     ("bbh", "bbh/bbh/date_understanding.json", '{"samples": []}', "date_understanding.json:1: no 'examples'"),
@@ -116,9 +119,11 @@ def test_exam_prompts_equal_lm_eval_tasks(tmp_path, family, yaml_rel, subject, c
                      "answer": "ABCD".index(r["answer"])} for r in _rows(str(p), "mmlu")]
         ev, fs = conv(root / split / f"{subject}{suffix}"), conv(root / dev / f"{subject}{dev_suffix}")
     else:
-        ev, fs = _csv_rows(root / split / f"{subject}{suffix}", cols), _csv_rows(root / dev / f"{subject}{dev_suffix}", cols)
+        ev = _csv_rows(root / split / f"{subject}{suffix}", cols)
+        fs = _csv_rows(root / dev / f"{subject}{dev_suffix}", cols)
     split_name = {"ceval": "val", "cmmlu": "test", "mmlu": "test"}[family]
-    task = _lm_eval_task(yaml_rel, {split_name: _jsonl(tmp_path / "e.jsonl", ev), "dev": _jsonl(tmp_path / "d.jsonl", fs)})
+    task = _lm_eval_task(yaml_rel, {split_name: _jsonl(tmp_path / "e.jsonl", ev),
+                                    "dev": _jsonl(tmp_path / "d.jsonl", fs)})
     ours = [s for s in TASKS[family].load(str(DATA), 2) if s.subject == subject]
     docs = list(task.eval_docs)
     assert len(docs) == len(ours)
@@ -210,3 +215,14 @@ def test_sandbox_runs_in_a_fresh_temporary_directory():
     assert res.passed
     cwd = res.output.strip()
     assert "telechat-sandbox-" in cwd and not os.path.exists(cwd)
+
+
+def test_nothing_below_eval_imports_it():
+    """ARCHITECTURE: eval/ sits beside serve/ (it drives the engine); only the CLI imports it."""
+    from tests.test_architecture import _graph
+    graph = _graph()
+    users = sorted(m for m, deps in graph.items() if any(d.startswith("telechat_ms.eval") for d in deps)
+                   and not m.startswith(("telechat_ms.eval", "telechat_ms.commands", "telechat_ms.cli")))
+    assert users == []
+    assert not any(d.startswith(("telechat_ms.commands", "telechat_ms.cli")) for m, deps in graph.items()
+                   if m.startswith("telechat_ms.eval") for d in deps)

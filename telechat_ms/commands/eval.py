@@ -27,10 +27,12 @@ def _eval(args: argparse.Namespace) -> int:
         reject_flags([(args.model_dir, "MODEL_DIR", "load_checkpoint"),
                       (args.max_model_len, "--max-model-len", "model.model_config.seq_length")])
         job = load_predict_job(args.config, args.overrides)
-        if job.model_parallel or job.parallel.parallel_mode != "stand_alone":
-            raise ConfigError(f"{job.source}: eval --config runs one stand_alone process for now; model-parallel and "
-                              "data-parallel eval are not built yet (serve --config + lm-eval's local-completions "
-                              "reaches a model-parallel model)")
+        if job.parallel.parallel_mode == "data_parallel":
+            raise ConfigError(f"{job.source}: parallel.parallel_mode data_parallel: data-parallel eval replicas are "
+                              "not built yet; run one stand_alone eval per device with --limit ranges, or model "
+                              "parallel")
+        if job.model_parallel:
+            return _eval_model_parallel(job, opts, args)
         model_dir, max_len, batch = job.load_checkpoint, job.model_config.seq_length, job.batch_size
     else:
         if args.overrides:
@@ -53,6 +55,29 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_model_parallel(job, opts, args) -> int:
+    """Model parallel under msrun: every rank builds its shard; rank 0 runs the evaluation through the leader
+    stepper (scoring by prefill steps, generation by the engine over it) while the others replay its steps."""
+    from telechat_ms.data.tokenizer import TeleChatTokenizer
+    from telechat_ms.eval.model import stepper_eval_model
+    from telechat_ms.eval.runner import run_eval
+    from telechat_ms.parallel.predict import build_model_parallel, run_lockstep
+    session = build_model_parallel(job, use_jit=args.jit)
+
+    def work(model, leader) -> int:
+        tok = TeleChatTokenizer.for_model(args.tokenizer or job.load_checkpoint, model.config.vocab_size)
+        em = stepper_eval_model(model, tok, job.load_checkpoint, leader, on_idle=leader.keepalive, size=args.size)
+        try:
+            payload = run_eval(em, opts, leader.batch)
+        finally:
+            em.close()
+        with open(payload["files"][-1], encoding="utf-8") as fh:
+            print(fh.read(), end="")
+        return 0
+    result = run_lockstep(session, work)
+    return 0 if result is None else result
+
+
 def _harness(args: argparse.Namespace) -> int:
     from telechat_ms.eval.harness import run_cli
     return run_cli(list(args.lm_eval_args))
@@ -68,7 +93,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                     "results.json beside the published scores of the evaluated size.")
     p.add_argument("model_dir", nargs="?", default=None, help="checkpoint directory with tokenizer.model")
     p.add_argument("--config", default=None, help="predict YAML instead of MODEL_DIR (load_checkpoint, "
-                   "runner_config.batch_size, model.model_config.seq_length); --key.path=value overrides")
+                   "runner_config.batch_size, model.model_config.seq_length): one process, or model parallel under "
+                   "msrun (run_scripts/msrun_predict.sh CONFIG eval ...); --key.path=value overrides")
     p.add_argument("--tasks", required=True, help="comma-separated: ceval,mmlu,cmmlu,gsm8k,humaneval,mbpp,bbh,"
                    "ifeval,mt_bench,alignbench,perplexity")
     p.add_argument("--data-dir", default=None, help="DIR holding <task>/ in each benchmark's release layout; for "

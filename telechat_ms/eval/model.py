@@ -5,7 +5,7 @@ from __future__ import annotations
 from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import ConfigError
 from telechat_ms.eval.runner import EvalModel
-from telechat_ms.eval.scoring import LoglikelihoodScorer, local_forward
+from telechat_ms.eval.scoring import LoglikelihoodScorer, local_forward, stepper_forward
 
 RELEASED_SIZES = ("3b", "7b", "35b", "115b")
 
@@ -50,3 +50,21 @@ def load_eval_model(model_dir: str, tokenizer: str | None = None, batch_size: in
     model = TeleChatForCausalLM.from_pretrained(model_dir)
     tok = TeleChatTokenizer.for_model(tokenizer or model_dir, model.config.vocab_size)
     return eval_model(model, tok, model_dir, batch_size, max_model_len, use_jit, size)
+
+
+def stepper_eval_model(model, tokenizer, name: str, stepper, on_idle=None, size: str | None = None) -> EvalModel:
+    """EvalModel over a kv-cache stepper built beforehand: the model-parallel leader of a predict job (its build
+    compiles no full forward), scoring and generating through its steps; rows x slots are the job's kv cache."""
+    from telechat_ms.infer.gen_config import GenerationConfig
+    from telechat_ms.serve.engine import Engine
+    from telechat_ms.serve.server import fixed_stepper_factory
+    gen = GenerationConfig.from_pretrained(getattr(model, "name_or_path", None))
+    scorer = LoglikelihoodScorer(stepper_forward(stepper, model.config.pad_token_id), stepper.max_len - 1,
+                                 stepper.batch, pad_id=model.config.pad_token_id)
+
+    def make_engine():
+        return Engine(fixed_stepper_factory(stepper), tokenizer, tokenizer.vocab_size, stepper.max_len - 1,
+                      max_batch_size=stepper.batch, max_queue=max(64, 4 * stepper.batch),
+                      pad_token_id=model.config.pad_token_id, warmup=False, on_idle=on_idle).start()
+    return EvalModel(name, tokenizer, scorer, make_engine, tuple(sorted(gen.stop_ids)), model=model,
+                     size=size or released_size(model.config))

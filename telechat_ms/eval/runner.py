@@ -263,6 +263,8 @@ def run_eval(em: EvalModel, opts: EvalOptions, batch_size: int = 8) -> dict[str,
             metrics += run_perplexity(em, opts, batch_size)
             continue
         task_metrics, records = run_task(em, name, opts)
+        if TASKS[name].kind != "multiple_choice":
+            em.close()        # the engine thread ends before the next task steps the model from this thread
         metrics += task_metrics
         files += _write_side_files(opts, em, name, records)
     primary = {n: (TASKS[n].published, TASKS[n].primary) for n in names if n in TASKS}

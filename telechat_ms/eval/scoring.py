@@ -20,9 +20,9 @@ import numpy as np
 
 from telechat_ms.special_tokens import BOS_ID
 
-# rows [B, W] int32, gather [B, W, K] int32, lengths [B] -> (log-probs [B, W, K] of the gathered ids, argmax [B, W])
-BatchForward = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-
+# rows [B, W] int32, positions [B, P] int32 (the cells read, -1 none), gather [B, P, K] int32 (ids read), lengths [B]
+#   -> (log-probs [B, P, K] of the gathered ids, argmax [B, P]); the LM head runs on the read positions only
+BatchForward = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str,
                 prefix_token_id: int = BOS_ID) -> tuple[list[int], list[int]]:
@@ -95,20 +95,25 @@ class LoglikelihoodScorer:
         for start in range(0, len(order), self.batch_size):
             batch = [rows[r] for r in order[start:start + self.batch_size]]
             width = max(len(r.ids) for r in batch)
+            cells = [sorted(r.gather) for r in batch]
+            npos = max(len(c) for c in cells)
             k = max(len(s) for r in batch for s in r.gather.values())
             ids = np.full((len(batch), width), self.pad_id, np.int32)
-            gather = np.zeros((len(batch), width, k), np.int32)
+            positions = np.full((len(batch), npos), -1, np.int32)       # -1: no cell (rows read fewer)
+            gather = np.zeros((len(batch), npos, k), np.int32)
             lengths = np.array([len(r.ids) for r in batch], np.int64)
             for b, row in enumerate(batch):
                 ids[b, :len(row.ids)] = row.ids
-                for pos, toks in row.gather.items():
-                    gather[b, pos, :len(toks)] = toks
-            logp, argmax = self.forward(ids, gather, lengths)
+                positions[b, :len(cells[b])] = cells[b]
+                for p, pos in enumerate(cells[b]):
+                    gather[b, p, :len(row.gather[pos])] = row.gather[pos]
+            logp, argmax = self.forward(ids, positions, gather, lengths)
             self.forwards += len(batch)
             for b, row in enumerate(batch):
-                for req, cells in row.reads:
-                    total = float(sum(logp[b, p, s] for p, s in cells))
-                    greedy = all(int(argmax[b, p]) == int(gather[b, p, s]) for p, s in cells)
+                where = {pos: p for p, pos in enumerate(cells[b])}
+                for req, reads in row.reads:
+                    total = float(sum(logp[b, where[pos], s] for pos, s in reads))
+                    greedy = all(int(argmax[b, where[pos]]) == int(gather[b, where[pos], s]) for pos, s in reads)
                     out[req] = (total, greedy)
                 if progress is not None:
                     progress(len(row.reads))
@@ -117,7 +122,7 @@ class LoglikelihoodScorer:
 
 def local_forward(model) -> BatchForward:
     """BatchForward over a TeleChatForCausalLM in this process: one full forward of right-padded rows, each with
-    the rotary tables of its own length; the log-softmax and the gathers run in the model's graph."""
+    the rotary tables of its own length; the LM head, log-softmax and gathers run on the positions read only."""
     import mindspore as ms
     from mindspore import nn, ops
 
@@ -130,15 +135,20 @@ def local_forward(model) -> BatchForward:
             super().__init__(auto_prefix=False)
             self.lm = lm
 
-        def construct(self, input_ids, gather, cos, sin, mask):
-            logits = self.lm(input_ids, None, cos, sin, mask)
+        def construct(self, input_ids, positions, gather, cos, sin, mask):
+            hidden = self.lm.model(input_ids, cos, sin, mask)                       # [B, W, H]
+            idx = ops.broadcast_to(positions.expand_dims(-1), (positions.shape[0], positions.shape[1],
+                                                               hidden.shape[-1]))
+            picked = ops.gather_elements(hidden, 1, idx)                           # [B, P, H]
+            logits = ops.cast(self.lm.lm_head(picked), ms.float32)
             logp = ops.log_softmax(logits, -1)
             return ops.gather_elements(logp, 2, gather), ops.argmax(logits, -1)
 
     cell = Gathered(model)
     cell.set_train(False)
 
-    def run(ids: np.ndarray, gather: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(ids: np.ndarray, positions: np.ndarray, gather: np.ndarray, lengths: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
         b, w = ids.shape
         cos = np.zeros((b, 1, w, cfg.head_dim), np.float32)
         sin = np.zeros_like(cos)
@@ -146,6 +156,60 @@ def local_forward(model) -> BatchForward:
             c, s = tables_for(cfg, int(n), int(n))
             cos[i, 0, :n], sin[i, 0, :n] = c, s
         mask = np.broadcast_to(causal_mask(w), (b, 1, w, w)).copy()
-        logp, argmax = cell(ms.Tensor(ids), ms.Tensor(gather), ms.Tensor(cos), ms.Tensor(sin), ms.Tensor(mask))
+        positions = np.maximum(positions, 0).astype(np.int32)
+        logp, argmax = cell(ms.Tensor(ids), ms.Tensor(positions), ms.Tensor(gather), ms.Tensor(cos), ms.Tensor(sin),
+                            ms.Tensor(mask))
         return logp.asnumpy().astype(np.float64), argmax.asnumpy()
+    return run
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def stepper_forward(stepper, pad_id: int = 3) -> BatchForward:
+    """BatchForward through a kv-cache stepper with CacheStepper.step's signature: the local one, the model-parallel
+    stepper under the predict strategies (whose build has no full forward), or its single-process emulation.
+
+    Every row is prefilled right-aligned into its own slots 0..n-1 with the rotary tables of its total n, the
+    tables the full forward gives it, so the logits of a column equal the full forward's; a step returns one column
+    (the same for every row), so the rows are stepped once per distinct distance of a read cell from the row's end:
+    once for one-token continuations (multiple choice), k times for k-token ones. Idle rows write the scratch slot.
+    """
+    rows, max_len = stepper.batch, stepper.max_len
+    scratch = max_len - 1
+
+    def run(ids: np.ndarray, positions: np.ndarray, gather: np.ndarray, lengths: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+        b, w = ids.shape
+        if b > rows:
+            raise ValueError(f"{b} rows do not fit the stepper's {rows} (use --batch-size <= {rows})")
+        if w > scratch:
+            raise ValueError(f"a row of {w} tokens does not fit the kv cache's {scratch} slots")
+        step_ids = np.full((rows, w), pad_id, np.int32)
+        pos = np.zeros((rows, w), np.int64)
+        slots = np.full((rows, w), scratch, np.int64)
+        totals = np.ones(rows, np.int64)
+        for i in range(b):
+            n = int(lengths[i])
+            step_ids[i, w - n:] = ids[i, :n]
+            pos[i, w - n:] = np.arange(n)
+            slots[i, w - n:] = np.arange(n)
+            totals[i] = n
+        by_offset: dict[int, list[tuple[int, int]]] = {}
+        for i in range(b):
+            for j in range(positions.shape[1]):
+                if positions[i, j] >= 0:
+                    by_offset.setdefault(int(lengths[i]) - 1 - int(positions[i, j]), []).append((i, j))
+        logp = np.zeros(gather.shape, np.float64)
+        argmax = np.zeros(positions.shape, np.int64)
+        for k, cells in sorted(by_offset.items()):
+            logits = np.asarray(stepper.step(step_ids, pos, totals, slots, np.zeros(rows, np.int64), w - 1 - k))
+            lp = _log_softmax(logits)
+            for i, j in cells:
+                logp[i, j] = lp[i, gather[i, j]]
+                argmax[i, j] = int(np.argmax(logits[i]))
+        return logp, argmax
     return run

@@ -20,7 +20,8 @@ CHOICES = [" " + x for x in LETTERS]     # lm-eval's target_delimiter " " + doc_
 
 CEVAL_LAYOUT = ("ceval/{dev,val}/{subject}_{dev,val}.csv with header id,question,A,B,C,D,answer[,explanation] "
                 "(C-Eval's release)")
-MMLU_LAYOUT = "mmlu/data/{dev,test}/{subject}_{dev,test}.csv, no header, columns question,A,B,C,D,answer (MMLU's release)"
+MMLU_LAYOUT = ("mmlu/data/{dev,test}/{subject}_{dev,test}.csv, no header, columns question,A,B,C,D,answer "
+               "(MMLU's release)")
 CMMLU_LAYOUT = "cmmlu/{dev,test}/{subject}.csv with header ,Question,A,B,C,D,Answer (CMMLU's release)"
 
 
