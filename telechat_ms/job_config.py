@@ -254,6 +254,16 @@ class DatasetConfig:
 
 
 @dataclass
+class EvalDatasetConfig:
+    """Held-out data for do_eval (MindFormers' eval_dataset section): read in record order, every record once."""
+    data_dir: str                            # a `telechat-ms process-data` output (e.g. its --eval-fraction half)
+    batch_size: int = 0                      # rows per data-parallel worker per eval step; 0 = runner_config's
+
+    def check(self, where: Where, prefix: str) -> None:
+        _positive(where, f"{prefix}.batch_size", self.batch_size, zero_ok=True)
+
+
+@dataclass
 class CallbacksConfig:
     log_interval: int = 10
     save_interval: int = 0                   # 0 = only at the end
@@ -282,11 +292,47 @@ class JobConfig:
     train_dataset: DatasetConfig | None = None
     moe_config: MoeConfig | None = None      # MoE models only (routing checks, capacity, aux loss)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    # eval while training (MindFormers' names): the token-mean loss and perplexity of eval_dataset at every
+    # eval_step_interval optimizer steps and/or every eval_epoch_interval epochs (<= 0: off, as in MindFormers'
+    # EvalCallBack), to metrics.jsonl / TensorBoard / loss_curve.png; the model with the lowest eval loss is kept
+    # in output_dir/checkpoints/best/ (a model directory)
+    do_eval: bool = False
+    eval_dataset: EvalDatasetConfig | None = None
+    eval_step_interval: int = 100
+    eval_epoch_interval: int = -1
+    eval_max_steps: int = -1                 # eval batches per evaluation; -1 = the whole eval_dataset
     source: str = ""                         # the YAML file this came from (set by the loader, not a YAML key)
     REJECTED_KEYS = {"source": "not a YAML key: the loader records the file a job came from"}
 
     def check(self, where: Where, prefix: str) -> None:
         _one_of(where, "run_mode", self.run_mode, ("finetune", "pretrain", "predict"))
+        self._check_eval(where)
+
+    def _check_eval(self, where: Where) -> None:
+        """do_eval needs eval_dataset and a schedule; eval keys without do_eval would do nothing: rejected."""
+        eval_keys = {"eval_dataset": None, "eval_step_interval": 100, "eval_epoch_interval": -1,
+                     "eval_max_steps": -1}
+        if not self.do_eval:
+            for key, default in eval_keys.items():
+                if getattr(self, key) != default:
+                    raise ConfigError(f"{where(key)} has no effect without do_eval: true (set do_eval: true, or "
+                                      f"remove the key)")
+            return
+        if self.eval_dataset is None:
+            raise ConfigError(f"{where('do_eval')}: do_eval needs an eval_dataset section (with data_dir: a "
+                              f"process-data output, e.g. the half `process-data --eval-fraction` holds out)")
+        if self.eval_step_interval <= 0 and self.eval_epoch_interval <= 0:
+            raise ConfigError(f"{where('eval_step_interval')}: do_eval needs eval_step_interval > 0 or "
+                              f"eval_epoch_interval > 0 (both are off)")
+        if self.eval_max_steps == 0 or self.eval_max_steps < -1:
+            raise ConfigError(f"{where('eval_max_steps')} must be > 0 or -1 (the whole eval_dataset), got "
+                              f"{self.eval_max_steps}")
+        if self.parallel.parallel_mode in ("semi_auto_parallel", "auto_parallel"):
+            raise ConfigError(f"{where('do_eval')}: eval while training runs under stand_alone and data_parallel; "
+                              f"under {self.parallel.parallel_mode} it is not implemented yet (evaluate the saved "
+                              f"checkpoints with `telechat-ms eval --tasks perplexity`)")
+        if self.run_mode == "predict":
+            raise ConfigError(f"{where('do_eval')}: do_eval is a training key; run_mode is predict")
 
     def model_config(self, base: TeleChatConfig | None = None) -> TeleChatConfig:
         """The TeleChatConfig this job describes: `preset`, else the checkpoint's config.json, plus overrides

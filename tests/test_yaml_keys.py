@@ -106,7 +106,8 @@ def consume(job) -> None:
 
 @pytest.fixture(scope="module")
 def trainer_reads(demo_data, tmp_path_factory):
-    """Fields one real CPU training run reads (warmup by ratio, so both warmup keys are consulted)."""
+    """Fields one real CPU training run reads (warmup by ratio, so both warmup keys are consulted; do_eval on, so the
+    eval keys are)."""
     import mindspore as ms
     from telechat_ms.train.trainer import train
     out = str(tmp_path_factory.mktemp("keys_run"))
@@ -115,7 +116,9 @@ def trainer_reads(demo_data, tmp_path_factory):
                            f"model.model_config.vocab_size={demo_data['vocab_size']}", "model.model_config.seq_length=64",
                            "runner_config.max_steps=-1", "runner_config.epochs=1",
                            "runner_config.batch_size=32", "lr_schedule.warmup_steps=0", "lr_schedule.warmup_ratio=0.5",
-                           "callbacks.tensorboard=false", "callbacks.loss_curve=false"])
+                           "callbacks.tensorboard=false", "callbacks.loss_curve=false",
+                           "do_eval=true", f"eval_dataset.data_dir={demo_data['data']}", "eval_dataset.batch_size=32",
+                           "eval_step_interval=2", "eval_epoch_interval=1", "eval_max_steps=1"])
     with recording() as reads:
         train(job)
     ms.set_context(mode=ms.PYNATIVE_MODE)

@@ -25,11 +25,17 @@ def _process_data(args: argparse.Namespace) -> int:
         cross_attention=not args.no_cross_attention, pack=not args.no_pack,
         max_records_per_file=args.max_records_per_file, records_per_shard=args.records_per_shard,
         part_size_mb=args.part_size_mb, num_nodes=args.num_nodes, node_rank=args.node_rank, resume=args.resume,
-        overwrite=args.overwrite, progress=not args.no_progress, show_errors=args.show_errors)
+        overwrite=args.overwrite, progress=not args.no_progress, show_errors=args.show_errors,
+        eval_fraction=args.eval_fraction, eval_out=args.eval_out)
     summary = process_data(opts)
     print(format_summary(summary))
     if summary.get("finalized", True):
         print(f"wrote {os.path.abspath(args.out)} (manifest.json describes it)")
+    held = summary.get("eval")
+    if held is not None:
+        print("held-out half (--eval-fraction):\n" + format_summary(held))
+        if held.get("finalized", True):
+            print(f"wrote {held['out']} (its manifest.json describes it; use it as eval_dataset.data_dir)")
     return 0
 
 
@@ -85,6 +91,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="only the final step: check every part of OUT and write its manifest")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory (and redo or discard an interrupted run)")
+    p.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="hold out this fraction of the records (a seeded draw per record, fixed by --seed) into a "
+                        "second output for do_eval / `telechat-ms eval --tasks perplexity`; the two halves share "
+                        "no record, and each has its manifest")
+    p.add_argument("--eval-out", default=None, help="the held-out half's directory (default: <--out>_eval)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--show-errors", type=int, default=5, help="how many bad lines to print")
     p.set_defaults(func=_process_data)

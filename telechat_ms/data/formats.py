@@ -20,6 +20,7 @@ class Example:
     messages: list[dict[str, Any]] = field(default_factory=list)
     tools: list[Any] | None = None
     text: str | None = None
+    prompt: str | None = None        # pretrain {"prompt", "completion"}: text = prompt + completion, prompt unsupervised
     is_tool: bool = False
 
     @property
@@ -170,15 +171,27 @@ def parse_record(record: Any, where: str, task: str = "sft") -> Example:
     """Validate one decoded JSON record for `task`; DataError names `where` (file:line) and the field."""
     if not isinstance(record, dict):
         raise _fail(where, f"expected a JSON object, got {type(record).__name__}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")
+    if "prompt" in record or "completion" in record:
+        # TRL's prompt-completion records, in either task: plain text (no chat template), the loss on the completion
+        for key in ("prompt", "completion"):
+            if key not in record:
+                raise _fail(where, f"missing field {key!r} (prompt-completion records are "
+                                   f"{{\"prompt\": ..., \"completion\": ...}})")
+        prompt = _check_text(record["prompt"], where, "prompt")
+        completion = _check_text(record["completion"], where, "completion")
+        if not completion:
+            raise _fail(where, "completion: empty (nothing to learn)")
+        return Example(where=where, text=prompt + completion, prompt=prompt)
     if task == "pretrain":
         if "text" not in record:
-            raise _fail(where, "missing field 'text' (pretrain records are {\"text\": ...})")
+            raise _fail(where, "missing field 'text' (pretrain records are {\"text\": ...} or "
+                               "{\"prompt\": ..., \"completion\": ...})")
         text = _check_text(record["text"], where, "text")
         if not text:
             raise _fail(where, "text: empty")
         return Example(where=where, text=text)
-    if task != "sft":
-        raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")
     if "dialog" in record:
         return _parse_released(record, where)
     if "messages" in record:

@@ -33,7 +33,9 @@ from telechat_ms.errors import DataError
 
 ON_ERROR = ("skip", "fail")
 # Options that do not change the output bytes (everything else is part of the job's fingerprint).
-_RUN_ONLY = ("out", "num_workers", "num_nodes", "node_rank", "resume", "overwrite", "progress", "show_errors")
+_RUN_ONLY = ("out", "eval_out", "num_workers", "num_nodes", "node_rank", "resume", "overwrite", "progress",
+             "show_errors")
+SPLITS = ("train", "eval")
 
 __all__ = ["MANIFEST", "SKIPPED_FILE", "ProcessOptions", "finalize_output", "format_summary", "process_data"]
 
@@ -64,6 +66,13 @@ class ProcessOptions:
     overwrite: bool = False
     progress: bool = True
     show_errors: int = 5
+    eval_fraction: float = 0.0          # > 0: hold out this fraction of the records (seeded) into eval_out
+    eval_out: str | None = None         # the held-out half's directory; default <out>_eval
+
+    @property
+    def eval_dir(self) -> str:
+        """Where the held-out half goes (--eval-out, else <out>_eval next to --out)."""
+        return self.eval_out or os.path.abspath(self.out).rstrip(os.sep) + "_eval"
 
     def check(self) -> None:
         """Reject contradictory or out-of-range options before any work starts."""
@@ -81,6 +90,12 @@ class ProcessOptions:
             raise DataError(f"--max-records-per-file must be >= 1, got {self.max_records_per_file}")
         if not self.part_size_mb > 0:
             raise DataError(f"--part-size-mb must be > 0, got {self.part_size_mb}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise DataError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_out and self.eval_fraction == 0:
+            raise DataError("--eval-out needs --eval-fraction > 0 (nothing is held out otherwise)")
+        if self.eval_fraction and os.path.abspath(self.eval_dir) == os.path.abspath(self.out):
+            raise DataError(f"--eval-out {self.eval_dir}: must differ from --out")
         if not 0 <= self.node_rank < self.num_nodes:
             raise DataError(f"--node-rank must be in [0, {self.num_nodes}) for --num-nodes {self.num_nodes}, "
                             f"got {self.node_rank}")
@@ -103,10 +118,16 @@ def _file_bytes(opts: ProcessOptions, plan) -> int:
     return int(min(per_part, opts.records_per_shard * opts.max_seq_len) * 4 * columns)
 
 
-def _job(opts: ProcessOptions, tokenizer: TeleChatTokenizer, mix, plan) -> dict[str, Any]:
+def _job(opts: ProcessOptions, tokenizer: TeleChatTokenizer, mix, plan, split: str = "") -> dict[str, Any]:
     """job.json: what the final step needs to write the manifest, wherever it runs."""
     with_pos = not opts.cross_attention
     return {
+        **({"split": {"name": split, "eval_fraction": opts.eval_fraction, "seed": opts.seed,
+                      "rule": "a record is held out when the seeded hash of (seed, mix key, record index) falls "
+                              "below eval_fraction; the eval half holds each held-out record once, the train half "
+                              "every other record with the mix weights",
+                      "train_dir": os.path.abspath(opts.out), "eval_dir": os.path.abspath(opts.eval_dir)}}
+           if split else {}),
         "format": MANIFEST_FORMAT, "fingerprint": plan.fingerprint, "task": opts.task,
         "max_seq_len": opts.max_seq_len, "num_parts": len(plan.parts), "num_nodes": opts.num_nodes,
         "rows": f"compact: real tokens only; readers pad to max_seq_len on the {opts.pad_side} with <_pad> (3), "
@@ -114,7 +135,8 @@ def _job(opts: ProcessOptions, tokenizer: TeleChatTokenizer, mix, plan) -> dict[
         "columns": {"input_ids": ["int32", [-1]], "labels": ["int32", [-1]],
                     **({"position_ids": ["int32", [-1]]} if with_pos else {})},
         "labels": "token id where supervised, -100 elsewhere; not shifted (the model shifts)",
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "show_errors", "resume")},
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("progress", "show_errors", "resume")
+                    and not (k in ("eval_fraction", "eval_out") and not opts.eval_fraction)},
         "tokenizer": {"path": tokenizer.model_file, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
         "mix": [{"key": e.key, "path": e.path, "weight": e.weight, "records": n}
                 for e, n in zip(mix, plan.records_per_file)],
@@ -191,19 +213,45 @@ def process_data(opts: ProcessOptions, log: Callable[[str], None] | None = None,
                  stats: dict | None = None) -> dict[str, Any]:
     """Run this node's share of the job; returns the summary (the manifest's counts once every part is finished).
 
-    `stats`, when given, receives the run's timings and peak memory (parent and workers), which never go into
-    the output.
+    With eval_fraction > 0 the records are split (seeded, disjoint) into the training half at `out` and the
+    held-out half at `eval_dir`, two complete outputs with their own manifests; the summary is the training
+    half's, with the held-out half's under "eval". `stats`, when given, receives the run's timings and peak memory
+    (parent and workers), which never go into the output.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     opts.check()
+    if not opts.eval_fraction:
+        return _process(opts, opts.out, "", log, stats)
+    for path in (opts.out, opts.eval_dir):  # before any work: neither half may be in the way
+        if os.path.exists(path) and not opts.overwrite and (not os.path.isdir(path) or os.listdir(path)):
+            raise DataError(f"{path}: output already exists (pass --overwrite to replace it)")
+    summary = _process(opts, opts.out, "train", log, stats)
+    try:
+        summary["eval"] = _process(opts, opts.eval_dir, "eval", log, None)
+    except DataError as exc:
+        if "no usable records" in str(exc):
+            raise DataError(f"--eval-fraction {opts.eval_fraction}: the held-out half has no usable records "
+                            f"(raise the fraction or add data): {exc}") from None
+        raise
+    summary["eval"]["out"] = os.path.abspath(opts.eval_dir)
+    return summary
+
+
+def _process(opts: ProcessOptions, out: str, split: str, log: Callable[[str], None],
+             stats: dict | None) -> dict[str, Any]:
+    """One output directory: the whole job, or one half of a split (split 'train' / 'eval')."""
     start = time.perf_counter()
-    out = os.path.abspath(opts.out)
+    out = os.path.abspath(out)
     if os.path.exists(out) and not opts.overwrite and (not os.path.isdir(out) or os.listdir(out)):
-        raise DataError(f"{opts.out}: output already exists (pass --overwrite to replace it)")
+        raise DataError(f"{out}: output already exists (pass --overwrite to replace it)")
     tokenizer = TeleChatTokenizer(resolve_tokenizer_path(opts.tokenizer))
     mix = load_mix(opts.data_mix)
     settings = {k: v for k, v in asdict(opts).items() if k not in _RUN_ONLY}
+    if not opts.eval_fraction:
+        settings.pop("eval_fraction")  # jobs without a split keep the fingerprint they always had
     settings["tokenizer"] = tokenizer.sha256
+    if split:
+        settings["split"] = split
     plan = plan_parts(mix, opts.part_size_mb, opts.max_records_per_file, opts.seed, settings)
     if not plan.parts:
         raise DataError(f"{opts.data_mix}: no records (every input file is empty)")
@@ -213,13 +261,14 @@ def process_data(opts: ProcessOptions, log: Callable[[str], None] | None = None,
     staging = staging_dir(out)
     staging_existed = os.path.isdir(staging)
     try:
-        staging, skip = open_staging(out, _job(opts, tokenizer, mix, plan), resume=opts.resume,
+        staging, skip = open_staging(out, _job(opts, tokenizer, mix, plan, split), resume=opts.resume,
                                      overwrite=opts.overwrite, mine=mine, single_node=single)
         pack = PackOptions(opts.max_seq_len, opts.overlong, opts.pad_side, opts.cross_attention, opts.pack,
                            tuple(tokenizer.encode_plain("\n")))
         cfg = WorkerConfig(tokenizer, [e.path for e in mix], os.path.join(staging, "parts"), plan.fingerprint,
                            opts.task, opts.loss_mask, opts.on_error, opts.seed, pack, opts.records_per_shard,
-                           shard_sizes(opts.max_seq_len, not opts.cross_attention, _file_bytes(opts, plan)))
+                           shard_sizes(opts.max_seq_len, not opts.cross_attention, _file_bytes(opts, plan)),
+                           split=split, eval_fraction=opts.eval_fraction, keys=tuple(e.key for e in mix))
         todo = [(plan.parts[i], plan.quotas[i]) for i in mine if i not in skip]
         todo.sort(key=lambda t: -(t[0].end - t[0].start))  # biggest first: workers finish together
         errors = {"shown": 0, "total": 0}

@@ -68,8 +68,7 @@ def loss_mask(ids: np.ndarray, mode: str = "released") -> np.ndarray:
 def encode_example(example: Example, tokenizer: TeleChatTokenizer, mode: str = "released") -> Encoded:
     """Encode one validated example into ids + mask (pretrain: text + <_end>, all supervised)."""
     if not example.is_chat:
-        ids = np.asarray(tokenizer.encode(example.text) + [st.EOS_ID], dtype=np.int32)
-        return Encoded(ids, np.ones(ids.shape[0], dtype=bool), 0, True, example.where, is_chat=False)
+        return encode_examples([example], tokenizer, mode)[0]
     system, turns = render_training_parts(example)
     prefix = tokenizer.encode_memo(system)
     ids = np.asarray(prefix + tokenizer.encode(turns), dtype=np.int32)
@@ -81,11 +80,16 @@ def encode_examples(examples: Sequence[Example], tokenizer: TeleChatTokenizer,
     """encode_example of many examples, their texts encoded in one batch (TeleChatTokenizer.encode_batch)."""
     texts = [e.text if not e.is_chat else render_training_parts(e) for e in examples]
     bodies = tokenizer.encode_batch([t if isinstance(t, str) else t[1] for t in texts])
+    with_prompt = [e.prompt for e in examples if not e.is_chat and e.prompt]
+    prompt_ids = iter(tokenizer.encode_batch(with_prompt)) if with_prompt else iter(())
     out = []
     for example, text, body in zip(examples, texts, bodies):
         if not example.is_chat:
             ids = np.asarray(body + [st.EOS_ID], dtype=np.int32)
-            out.append(Encoded(ids, np.ones(ids.shape[0], dtype=bool), 0, True, example.where, is_chat=False))
+            mask = np.ones(ids.shape[0], dtype=bool)
+            if example.prompt:  # the prompt's tokens (as lm-eval splits context + continuation) are not supervised
+                mask[:min(len(next(prompt_ids)), len(body))] = False
+            out.append(Encoded(ids, mask, 0, True, example.where, is_chat=False))
             continue
         prefix = tokenizer.encode_memo(text[0])
         ids = np.asarray(prefix + body, dtype=np.int32)

@@ -207,6 +207,7 @@ def finalize(out: str, overwrite: bool = False, force: bool = False,
                 shards.append({"name": shard["name"], "records": shard["records"], "part": s["part"]})
         manifest = {**{k: job[k] for k in ("format", "task", "max_seq_len", "rows", "columns", "labels", "options",
                                              "tokenizer", "fingerprint")},
+                    **({"split": job["split"]} if "split" in job else {}),
                     "mix": _mix_report(job, summaries), "counts": counts, "shards": shards,
                     "first_errors": first_errors}
         atomic_write_text(os.path.join(staging, MANIFEST), json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")

@@ -31,7 +31,8 @@ def corpus_sentences(paths: Iterable[str]) -> Iterator[str]:
                 if not line.strip():
                     continue
                 record = json.loads(line)
-                task = "pretrain" if isinstance(record, dict) and "text" in record else "sft"
+                task = "pretrain" if isinstance(record, dict) and ({"text", "prompt", "completion"} & set(record)) \
+                    else "sft"
                 example = parse_line(line, f"{path}:{line_no}", task)
                 text = example.text if task == "pretrain" else render_training_text(example)
                 for tok in st.SPECIAL_TOKENS:

@@ -7,6 +7,8 @@ exists is complete (what --resume and the final step rely on).
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -50,6 +52,16 @@ class WorkerConfig:
     pack: PackOptions
     records_per_shard: int
     shard_sizes: tuple[int, int]  # MindRecord page and header sizes, one pair for the whole job
+    split: str = ""               # --eval-fraction: "train" (records not held out) or "eval" (held out, each once)
+    eval_fraction: float = 0.0
+    keys: tuple[str, ...] = ()    # the mix keys of the files (the held-out draw is keyed on them)
+
+
+def held_out(seed: int, key: str, record: int, fraction: float) -> bool:
+    """Whether record `record` (0-based, in its file) of mix entry `key` is in the held-out split: a seeded hash,
+    so the split depends only on the seed, the file's key and the record's place, never on parts or workers."""
+    digest = hashlib.blake2b(f"{seed}\0{key}\0{record}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2.0 ** 64
 
 
 def part_dir_name(part_id: int) -> str:
@@ -111,6 +123,9 @@ def _encode_part(cfg: WorkerConfig, part: Part, quota: PartQuota,
 
     for line_no, raw in iter_lines(path, part):
         times = quota.whole + (seen in extra)
+        if cfg.split:  # the held-out half takes each of its records once; the training half never sees them
+            held = held_out(cfg.seed, cfg.keys[part.file], part.first_record + seen, cfg.eval_fraction)
+            times = (1 if held else 0) if cfg.split == "eval" else (0 if held else times)
         seen += 1
         where = f"{path}:{line_no}"
         try:
@@ -157,7 +172,15 @@ def run_part(cfg: WorkerConfig, part: Part, quota: PartQuota,
         stats = PackStats(examples_in=len(order))
         tokens_in = int(sum(len(items[i]) for i in order))
         if cfg.task == "pretrain":
-            rows = chunk_documents(items, order, opts.max_seq_len, not opts.cross_attention)
+            # text documents are concatenated and cut; prompt-completion records are packed whole like SFT
+            # records (a cut would separate a completion from its prompt)
+            whole = [i for i in order if not items[i].mask.all()]
+            plans, stats = plan_sequences(items, whole, opts)
+            stats.examples_in = len(order)
+            rows = itertools.chain(
+                chunk_documents(items, [i for i in order if items[i].mask.all()], opts.max_seq_len,
+                                not opts.cross_attention),
+                (materialize_compact(plan, items, opts) for plan in plans))
         else:
             np.random.default_rng([cfg.seed, 2, part.id]).shuffle(order)  # mix the records before packing
             plans, stats = plan_sequences(items, order, opts)
@@ -180,7 +203,7 @@ def run_part(cfg: WorkerConfig, part: Part, quota: PartQuota,
             "records_read": part.records, "records_skipped": len(errors), "records_valid": part.records - len(errors),
             "records_selected": len(order), "truncated": stats.truncated,
             "dropped_overlong": stats.dropped_overlong, "dropped_no_target": stats.dropped_no_target,
-            "packed_records": stats.packed_examples if cfg.task != "pretrain" else 0,
+            "packed_records": stats.packed_examples,
             "tokens_in": tokens_in, "tokens_out": counts["tokens"],
             **counts, "shards": shards, "first_errors": errors[:FIRST_ERRORS],
         }

@@ -90,6 +90,11 @@ class BatchLoader:
                  for k in range(self.accumulation)]
         return micro, int((rows_of["labels"][:, 1:] != IGNORE_INDEX).sum())
 
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The given records, in the given order, padded to seq_length: int32 arrays [len(indices), S] (the held-out
+        evaluator reads its rows through this too)."""
+        return self._read(indices)
+
     def _read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """The given records, in the given order, padded to seq_length: int32 arrays [len(indices), S]."""
         import mindspore.dataset as ds

@@ -14,6 +14,7 @@ from telechat_ms.errors import CheckpointError, ConfigError, DataError, Training
 from telechat_ms.job_config import JobConfig, OptimizerConfig
 from telechat_ms.positions import BATCHED, SHARED, VARLEN, training_inputs
 from telechat_ms.train.checkpoint import _fault, latest_checkpoint, load_checkpoint, save_checkpoint
+from telechat_ms.train.evaluate import TrainingEval
 from telechat_ms.train.lr import lr_at
 from telechat_ms.train.metrics import MetricsLogger
 
@@ -24,6 +25,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     final_dir: str = ""
     checkpoint: str = ""
+    eval_losses: dict[int, float] = field(default_factory=dict)   # do_eval: step -> held-out loss
+    best_dir: str = ""                                              # do_eval: checkpoints/best/ (lowest eval loss)
 
 
 def preflight(job: JobConfig) -> None:
@@ -35,6 +38,8 @@ def preflight(job: JobConfig) -> None:
         raise ConfigError(f"{job.source}: missing required section 'train_dataset' (with data_dir)")
     if not os.path.isdir(job.train_dataset.data_dir):
         raise DataError(f"{job.source}: train_dataset.data_dir {job.train_dataset.data_dir!r} does not exist")
+    if job.do_eval and not os.path.isdir(job.eval_dataset.data_dir):
+        raise DataError(f"{job.source}: eval_dataset.data_dir {job.eval_dataset.data_dir!r} does not exist")
     if job.load_checkpoint and not os.path.exists(job.load_checkpoint):
         raise CheckpointError(f"{job.source}: load_checkpoint {job.load_checkpoint!r} does not exist")
     if job.resume not in ("", "auto") and not os.path.isdir(job.resume):
@@ -149,6 +154,10 @@ def train(job: JobConfig) -> TrainResult:
         from telechat_ms.train.router_stats import RouterStats
         router_stats = RouterStats(model)
         stepper.after_micro = router_stats.collect
+    evaluation = TrainingEval(job, model, loader.batches_per_epoch, run.rank, run.world_size,
+                              os.path.join(job.output_dir, "checkpoints"),
+                              lambda directory: _save_model(job, model, loader, directory),
+                              run.is_main) if job.do_eval else None
 
     out_dir = job.output_dir
     # Replicated weights (stand_alone, data_parallel): rank 0 writes one checkpoint. Sharded weights
@@ -168,6 +177,8 @@ def train(job: JobConfig) -> TrainResult:
         loader.load_state_dict(state["loader"])
         if "loss_scale" in state:  # the dynamic loss scale lives in the step graph
             stepper.set_loss_scale_state(float(state["loss_scale"]), int(state.get("good_steps", 0)))
+        if evaluation is not None:
+            evaluation.load_state_dict(state.get("eval"))
         if state.get("rng") is not None:
             ms.set_rng_state(Tensor(np.array(state["rng"], dtype=np.uint8)))
     logger = MetricsLogger(out_dir, total_steps, enabled=run.is_main, log_interval=job.callbacks.log_interval,
@@ -182,7 +193,8 @@ def train(job: JobConfig) -> TrainResult:
     last_ckpt = resume or ""
 
     def finish(step: int, lr: float, tokens: int, pending, seconds: float, extra: dict | None = None) -> None:
-        """Read a launched step's loss and norm (after the next step was launched), log it or stop on non-finite."""
+        """Read a launched step's loss and norm (after the next step was launched), log it or stop on non-finite;
+        a do_eval point is evaluated here, before the next step is launched (the trainer reads its step at once)."""
         outcome = pending.outcome()
         loss, norm = outcome.loss, outcome.grad_norm
         if not outcome.finite:
@@ -193,8 +205,11 @@ def train(job: JobConfig) -> TrainResult:
                                 f"training stopped. "
                                 f"The last good checkpoint is {last_ckpt or 'none (no checkpoint saved yet)'}")
         result.losses.append(loss)
+        evaluated = evaluation(step + 1) if evaluation is not None and evaluation.due(step + 1) else None
         logger.step(step + 1, loss=loss, lr=lr, grad_norm=norm, tokens=loader.global_batch * loader.seq_length,
-                    supervised=tokens, seconds=seconds, extra=extra)
+                    supervised=tokens, seconds=seconds, extra=extra, evaluation=evaluated)
+        if evaluated is not None:
+            result.eval_losses[step + 1] = evaluated["eval_loss"]
 
     pending = None  # (step, lr, tokens, start time, PendingStep) of the step launched last, not yet read
     for step in range(start, total_steps):
@@ -210,7 +225,8 @@ def train(job: JobConfig) -> TrainResult:
         done = step + 1 == total_steps
         interval = job.callbacks.save_interval
         saving = (run.is_main or sharded) and (done or (interval > 0 and (step + 1) % interval == 0))
-        if saving or done or _fault("kill_after_step", step + 1):
+        evaluating = evaluation is not None and evaluation.due(step + 1)
+        if saving or done or evaluating or _fault("kill_after_step", step + 1):
             finish(*pending[:3], pending[4], time.perf_counter() - t0, pending[5])
             pending = None
         if saving:
@@ -218,22 +234,25 @@ def train(job: JobConfig) -> TrainResult:
             state = {"loader": loader.state_dict(), "loss_scale": loss_scale, "good_steps": good_steps, "lr": lr,
                      "world_size": run.world_size,
                      "rng": ms.get_rng_state().asnumpy().tolist()}
+            if evaluation is not None:
+                state["eval"] = evaluation.state_dict()
             last_ckpt = save_checkpoint(ckpt_root, step + 1, model_params, opt_params, state,
                                         keep=job.callbacks.keep_checkpoint_max)
         if _fault("kill_after_step", step + 1):
             os._exit(137)  # simulated kill -9, for the resume tests
     result.checkpoint = last_ckpt
+    if evaluation is not None and evaluation.best_loss is not None:
+        result.best_dir = evaluation.best_dir
     if run.is_main and not sharded:  # sharded runs end with per-rank checkpoints + the strategy file
-        result.final_dir = _save_final(job, model, loader)
+        result.final_dir = _save_model(job, model, loader, os.path.join(job.output_dir, "final"))
     logger.close(loss_curve=job.callbacks.loss_curve)
     return result
 
 
-def _save_final(job: JobConfig, model, loader) -> str:
+def _save_model(job: JobConfig, model, loader, final: str) -> str:
     """The model directory convert / from_pretrained / chat accept (adapter only for LoRA runs), with the
-    tokenizer the data was made with."""
+    tokenizer the data was made with: output_dir/final at the end, checkpoints/best/ for do_eval."""
     from telechat_ms.weights import copy_tokenizer_files
-    final = os.path.join(job.output_dir, "final")
     if job.model.lora is not None:
         from telechat_ms.model.lora import save_adapter
         save_adapter(model, final, base_model=job.load_checkpoint)
