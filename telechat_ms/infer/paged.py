@@ -1,0 +1,139 @@
+"""A paged kv cache: fixed-size blocks of slots shared by every sequence, read back through per-row block tables.
+
+Layout: one key and one value Parameter [num_blocks * block_size, K, d] per layer. A step writes each new token's
+key and value at its slot (ScatterUpdate of whole rows) and each row attends over the blocks of its table only,
+gathered into [R, K, C, d] (C = the table's blocks x block_size, a bucket of the live context): a step costs what
+its rows' live contexts cost, not what the cache could hold, and the cache is sized by a block count or a memory
+budget, not by rows x max length. Block 0 is the null block: table entries past a row's blocks point at it and
+padding tokens write into it; the mask hides it (its context indices are past every query's position).
+
+On CPU this is the gather above. The host-side bookkeeping (which blocks a sequence owns, prefix sharing) lives in
+telechat_ms.serve.blocks; the scheduler in telechat_ms.serve.paged_engine.
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn
+
+from telechat_ms.backend import ms_dtype
+from telechat_ms.positions import paged_inputs
+
+NULL_BLOCK = 0          # never allocated: padding writes go here, past-the-end table entries point here
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def kv_bytes_per_token(cfg) -> int:
+    """Bytes of cache one token takes: a key and a value of every kv head in every layer."""
+    return 2 * cfg.n_layer * cfg.num_key_value_heads * cfg.head_dim * DTYPE_BYTES[cfg.compute_dtype]
+
+
+class PagedKVCache(nn.Cell):
+    """Key and value slots of every layer, [num_blocks * block_size, K, d] each; not model parameters."""
+
+    def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_kv: int, head_dim: int, dtype: str):
+        super().__init__(auto_prefix=False)
+        zeros = Tensor(np.zeros((num_blocks * block_size, n_kv, head_dim), np.float32), dtype=ms_dtype(dtype))
+        self.k = ParameterTuple([Parameter(zeros.copy(), name=f"paged_cache.key.{i}", requires_grad=False)
+                                 for i in range(n_layer)])
+        self.v = ParameterTuple([Parameter(zeros.copy(), name=f"paged_cache.value.{i}", requires_grad=False)
+                                 for i in range(n_layer)])
+
+
+class PagedStep(nn.Cell):
+    """One forward of new tokens through the model over the paged cache (PyNative); caches are attributes."""
+
+    def __init__(self, lm, k_caches: ParameterTuple, v_caches: ParameterTuple):
+        super().__init__(auto_prefix=False)  # never rename the model's parameters (checkpoint contract)
+        self.lm = lm
+        self.k_caches = k_caches
+        self.v_caches = v_caches
+
+    def construct(self, input_ids, cos, sin, attn_mask, write_slots, block_table, last_index):
+        return self.lm.forward_paged(input_ids, cos, sin, attn_mask, self.k_caches, self.v_caches, write_slots,
+                                     block_table, last_index)
+
+
+class JitPagedStep(PagedStep):
+    """The same step in graph mode: one graph per (rows, width, context blocks) shape."""
+
+    @ms.jit
+    def construct(self, input_ids, cos, sin, attn_mask, write_slots, block_table, last_index):
+        return self.lm.forward_paged(input_ids, cos, sin, attn_mask, self.k_caches, self.v_caches, write_slots,
+                                     block_table, last_index)
+
+
+class PagedStepper:
+    """The compiled paged step of one model over `num_blocks` blocks of `block_size` slots (block 0: null)."""
+
+    def __init__(self, model, num_blocks: int, block_size: int, use_jit: bool = True):
+        if num_blocks < 2:
+            raise ValueError(f"a paged cache needs >= 2 blocks (block 0 is the null block), got {num_blocks}")
+        cfg = model.config
+        self.cfg, self.num_blocks, self.block_size = cfg, int(num_blocks), int(block_size)
+        self.cache = PagedKVCache(cfg.n_layer, self.num_blocks, self.block_size, cfg.num_key_value_heads,
+                                  cfg.head_dim, cfg.compute_dtype)
+        self.cell = (JitPagedStep if use_jit else PagedStep)(model, self.cache.k, self.cache.v)
+        self.shapes: set[tuple[int, int, int]] = set()   # (rows, width, context blocks) run so far
+
+    def step(self, ids: np.ndarray, positions: np.ndarray, totals: np.ndarray, slots: np.ndarray,
+             block_tables: np.ndarray, last: int) -> np.ndarray:
+        """Write ids [R, n] at slots [R, n] (rotary positions [R, n], each token's NTK total [R, n]); row r
+        attends over the blocks block_tables[r] [nb] up to each query's position. fp32 logits [R, V] of column
+        `last`."""
+        tables = np.asarray(block_tables, np.int32)
+        bsz = self.block_size
+        ctx_slots = (tables[:, :, None] * bsz + np.arange(bsz, dtype=np.int32)).reshape(tables.shape[0], -1)
+        inp = paged_inputs(self.cfg, positions, totals, ctx_slots.shape[1])
+        self.shapes.add((ids.shape[0], ids.shape[1], tables.shape[1]))
+        logits = self.cell(Tensor(np.asarray(ids, np.int32)), Tensor(inp.cos), Tensor(inp.sin), Tensor(inp.mask),
+                           Tensor(np.asarray(slots, np.int32).reshape(-1)), Tensor(ctx_slots),
+                           Tensor(np.array([last], np.int32)))
+        return logits.asnumpy()[:, 0]
+
+
+DEFAULT_KV_CACHE_BYTES = 1 << 30   # the cache when neither a block count nor a budget is given (at most what
+#                                    max_batch_size sequences of max_model_len can fill)
+ATTN_CONTEXT = 4096   # a prefill chunk's width x gathered context stays within max_num_batched_tokens x this
+
+
+def plan_num_blocks(cfg, max_model_len: int, max_batch_size: int, block_size: int, num_blocks: int | None = None,
+                    memory_bytes: int | None = None) -> int:
+    """Blocks of the cache (the null block included): `num_blocks` as given, else what `memory_bytes` (default
+    DEFAULT_KV_CACHE_BYTES) holds, never more than max_batch_size full-length sequences use. Independent of
+    max_model_len once the budget binds."""
+    if num_blocks is not None:
+        return int(num_blocks)
+    per_block = kv_bytes_per_token(cfg) * block_size
+    budget = DEFAULT_KV_CACHE_BYTES if memory_bytes is None else int(memory_bytes)
+    every_row_full = max_batch_size * -(-max_model_len // block_size) + 1
+    return int(min(every_row_full, budget // per_block))
+
+
+def call_activation_bytes(cfg, rows: int, width: int, ctx: int, area: int | None = None) -> int:
+    """Upper estimate of one paged call's activations (one layer's live tensors, fp32 compute): scores and
+    probabilities [R, N, n, C], the mask as uint8 and twice as fp32, the gathered keys and values and their
+    transposed copies [R, C, K, d], the dense activations [R, n, 5H + 4F] and the logits [R, V]. `area` bounds
+    n x C when the scheduler does (prefill chunks)."""
+    f32, db = 4, DTYPE_BYTES[cfg.compute_dtype]
+    nc = rows * width * ctx if area is None else area
+    attn = 2 * cfg.n_head * nc * f32 + nc * (1 + 2 * f32)
+    gathered = 2 * 2 * rows * ctx * cfg.num_key_value_heads * cfg.head_dim * db
+    dense = rows * width * (5 * cfg.hidden_size + 4 * cfg.ffn_hidden_size) * f32
+    return attn + gathered + dense + rows * cfg.vocab_size * f32
+
+
+def chunk_area(max_num_batched_tokens: int, max_ctx: int, min_width: int = 32) -> int:
+    """The most width x context a prefill chunk computes: max_num_batched_tokens x ATTN_CONTEXT (narrower chunks
+    deep in a long prompt), or the narrowest chunk over the longest context."""
+    return max(max_num_batched_tokens * ATTN_CONTEXT, min(min_width, max_num_batched_tokens) * max_ctx)
+
+
+def step_activation_bytes(cfg, max_num_batched_tokens: int, max_batch_size: int, max_ctx: int,
+                          min_width: int = 32) -> int:
+    """The most a step's largest call takes: a decode call of max_batch_size rows over max_ctx, or a prefill chunk
+    (width <= max_num_batched_tokens, width x context <= chunk_area)."""
+    decode = call_activation_bytes(cfg, max_batch_size, 1, max_ctx)
+    area = min(chunk_area(max_num_batched_tokens, max_ctx, min_width), max_num_batched_tokens * max_ctx)
+    prefill = call_activation_bytes(cfg, 1, max_num_batched_tokens, max_ctx, area=area)
+    return max(decode, prefill)
