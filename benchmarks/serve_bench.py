@@ -255,7 +255,8 @@ def long_scenarios(args, bias) -> None:
                                      long_tokens=long_out["token_ids"])
         finally:
             _stop(proc)
-        print(f"server {name}: {results[name] if 'long_tokens' not in results[name] else {k: v for k, v in results[name].items() if k != 'long_tokens'}}", flush=True)
+        shown = {k: v for k, v in results[name].items() if k != "long_tokens"}
+        print(f"server {name}: {shown}", flush=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(long_prompt, f)
     reference = _offline(args, tokens_of=f.name, new=16)["tokens"]

@@ -236,3 +236,17 @@ class _Shim:
 
     def __init__(self, widths, area):
         self.widths, self.area, self.block_size, self.max_blocks = widths, area, 16, 2048
+
+
+def test_plan_speaks_the_paged_engine_terms():
+    from telechat_ms.job_config import load_job_config as load_job
+    from telechat_ms.parallel.plan import GIB, format_plan, make_plan
+    from tests.conftest import REPO
+    report = make_plan(load_job(f"{REPO}/yaml_configs/7b/predict_telechat2_7b.yaml"))
+    g, cfg = report.predict.paged, None
+    weights = report.stages[0].parts["weights"]
+    assert g["free"] == report.limit_gib * GIB - weights - g["activations"]
+    per_block = 2 * 30 * 32 * 128 * 2 * 16 / report.dims.mp          # 7B: 30 layers, 32 kv heads of 128, bf16
+    assert g["blocks"] == int(g["free"] // per_block) and g["at_seq"] == g["blocks"] // (8192 // 16)
+    assert g["at_2048"] == g["blocks"] // 128 and g["budget"] == 512 and cfg is None
+    assert f"{g['blocks']} blocks per NPU" in format_plan(report)

@@ -17,15 +17,12 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 
 from telechat_ms.backend import ms_dtype
+from telechat_ms.infer.paged_budget import (ATTN_CONTEXT, DEFAULT_KV_CACHE_BYTES, DTYPE_BYTES,  # noqa: F401
+                                            call_activation_bytes, chunk_area, kv_bytes_per_token,
+                                            plan_num_blocks, step_activation_bytes)
 from telechat_ms.positions import paged_inputs
 
 NULL_BLOCK = 0          # never allocated: padding writes go here, past-the-end table entries point here
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def kv_bytes_per_token(cfg) -> int:
-    """Bytes of cache one token takes: a key and a value of every kv head in every layer."""
-    return 2 * cfg.n_layer * cfg.num_key_value_heads * cfg.head_dim * DTYPE_BYTES[cfg.compute_dtype]
 
 
 class PagedKVCache(nn.Cell):
@@ -91,49 +88,3 @@ class PagedStepper:
                            Tensor(np.array([last], np.int32)))
         return logits.asnumpy()[:, 0]
 
-
-DEFAULT_KV_CACHE_BYTES = 1 << 30   # the cache when neither a block count nor a budget is given (at most what
-#                                    max_batch_size sequences of max_model_len can fill)
-ATTN_CONTEXT = 4096   # a prefill chunk's width x gathered context stays within max_num_batched_tokens x this
-
-
-def plan_num_blocks(cfg, max_model_len: int, max_batch_size: int, block_size: int, num_blocks: int | None = None,
-                    memory_bytes: int | None = None) -> int:
-    """Blocks of the cache (the null block included): `num_blocks` as given, else what `memory_bytes` (default
-    DEFAULT_KV_CACHE_BYTES) holds, never more than max_batch_size full-length sequences use. Independent of
-    max_model_len once the budget binds."""
-    if num_blocks is not None:
-        return int(num_blocks)
-    per_block = kv_bytes_per_token(cfg) * block_size
-    budget = DEFAULT_KV_CACHE_BYTES if memory_bytes is None else int(memory_bytes)
-    every_row_full = max_batch_size * -(-max_model_len // block_size) + 1
-    return int(min(every_row_full, budget // per_block))
-
-
-def call_activation_bytes(cfg, rows: int, width: int, ctx: int, area: int | None = None) -> int:
-    """Upper estimate of one paged call's activations (one layer's live tensors, fp32 compute): scores and
-    probabilities [R, N, n, C], the mask as uint8 and twice as fp32, the gathered keys and values and their
-    transposed copies [R, C, K, d], the dense activations [R, n, 5H + 4F] and the logits [R, V]. `area` bounds
-    n x C when the scheduler does (prefill chunks)."""
-    f32, db = 4, DTYPE_BYTES[cfg.compute_dtype]
-    nc = rows * width * ctx if area is None else area
-    attn = 2 * cfg.n_head * nc * f32 + nc * (1 + 2 * f32)
-    gathered = 2 * 2 * rows * ctx * cfg.num_key_value_heads * cfg.head_dim * db
-    dense = rows * width * (5 * cfg.hidden_size + 4 * cfg.ffn_hidden_size) * f32
-    return attn + gathered + dense + rows * cfg.vocab_size * f32
-
-
-def chunk_area(max_num_batched_tokens: int, max_ctx: int, min_width: int = 32) -> int:
-    """The most width x context a prefill chunk computes: max_num_batched_tokens x ATTN_CONTEXT (narrower chunks
-    deep in a long prompt), or the narrowest chunk over the longest context."""
-    return max(max_num_batched_tokens * ATTN_CONTEXT, min(min_width, max_num_batched_tokens) * max_ctx)
-
-
-def step_activation_bytes(cfg, max_num_batched_tokens: int, max_batch_size: int, max_ctx: int,
-                          min_width: int = 32) -> int:
-    """The most a step's largest call takes: a decode call of max_batch_size rows over max_ctx, or a prefill chunk
-    (width <= max_num_batched_tokens, width x context <= chunk_area)."""
-    decode = call_activation_bytes(cfg, max_batch_size, 1, max_ctx)
-    area = min(chunk_area(max_num_batched_tokens, max_ctx, min_width), max_num_batched_tokens * max_ctx)
-    prefill = call_activation_bytes(cfg, 1, max_num_batched_tokens, max_ctx, area=area)
-    return max(decode, prefill)
