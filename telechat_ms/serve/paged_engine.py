@@ -44,6 +44,7 @@ log = logging.getLogger("telechat_ms.serve")
 
 MIN_PREFILL = 32            # smallest chunk width
 MIN_CONTEXT = 256           # smallest gathered context, in tokens
+GROUP_WIDTH = 64            # prefill chunks this short, of several sequences, share one call of [rows, 64]
 PagedStepperFactory = Callable[[int, int], object]   # (num_blocks, block_size) -> infer.paged.PagedStepper
 
 
@@ -86,6 +87,7 @@ class PagedEngine(Engine):
                               f"({self.batch}): every running sequence decodes one token a step")
         self.budget = int(max_num_batched_tokens)
         self.widths = chunk_widths(self.budget)
+        self.group_width = GROUP_WIDTH if GROUP_WIDTH in self.widths and self.batch > 1 else 0
         self.blocks = BlockManager(num_blocks, self.block_size, prefix_caching)
         self.cache_len = num_blocks * self.block_size
         self.area = chunk_area(self.budget, self.max_blocks * self.block_size, MIN_PREFILL)
@@ -114,6 +116,9 @@ class PagedEngine(Engine):
             self._call([], rows, 1, 1)
         for width in self.widths:
             self._call([], 1, width, -(-width // self.block_size))
+        if self.group_width:
+            for rows in self.row_buckets()[1:]:
+                self._call([], rows, self.group_width, -(-self.group_width // self.block_size))
 
     def prefill_widths(self) -> list[int]:
         return list(self.widths)
@@ -290,26 +295,24 @@ class PagedEngine(Engine):
 
     # ------------------------------------------------------------------ the model calls
     def _call(self, rows: list[tuple[Sequence, int]], n_rows: int, width: int, ctx_need: int) -> np.ndarray:
-        """One stepper call: each (seq, k) writes its next k tokens (columns 0..k-1 of its row); padding rows and
-        columns write into the null block. Logits [n_rows, V] of column k - 1 (the same k for every row)."""
+        """One stepper call: each (seq, k) writes its next k tokens (right-aligned: the last k columns of its row);
+        padding rows and columns write into the null block. Logits [n_rows, V] of the last column."""
         bs = self.block_size
         ids = np.full((n_rows, width), self.pad_token_id, np.int32)
         positions = np.zeros((n_rows, width), np.int64)
         totals = np.ones((n_rows, width), np.int64)
         slots = np.full((n_rows, width), NULL_BLOCK * bs, np.int64)
         tables = np.full((n_rows, context_blocks(ctx_need, bs, self.max_blocks)), NULL_BLOCK, np.int32)
-        last = 0
         for r, (seq, k) in enumerate(rows):
             tokens = self._tokens(seq)
             pos = np.arange(seq.cached, seq.cached + k)
-            ids[r, :k] = tokens[seq.cached:seq.cached + k]
-            positions[r, :k] = pos
-            totals[r, :k] = self._total(seq, pos)
+            ids[r, width - k:] = tokens[seq.cached:seq.cached + k]
+            positions[r, width - k:] = pos
+            totals[r, width - k:] = self._total(seq, pos)
             blocks = np.asarray(seq.blocks, np.int64)
-            slots[r, :k] = blocks[pos // bs] * bs + pos % bs
+            slots[r, width - k:] = blocks[pos // bs] * bs + pos % bs
             tables[r, :len(seq.blocks)] = seq.blocks
-            last = k - 1
-        return self.stepper.step(ids, positions, totals, slots, tables, last)
+        return self.stepper.step(ids, positions, totals, slots, tables, width - 1)
 
     def _run(self, decode: list[Sequence], chunks: list[tuple[Sequence, int]]) -> None:
         """Run the step's calls, then advance every sequence whose pending tokens are all in the cache."""
@@ -322,13 +325,22 @@ class PagedEngine(Engine):
             results += [(s, logits[i]) for i, s in enumerate(decode)]
             for s in decode:
                 s.cached += 1
-        for seq, k in chunks:
-            width = next(w for w in self.widths if w >= k)
-            logits = self._call([(seq, k)], 1, width, -(-(seq.cached + k) // self.block_size))
-            seq.cached += k
-            self.metrics.prefill_chunks.inc()
-            if seq.cached == len(self._tokens(seq)):
-                results.append((seq, logits[0]))
+        small = [(s, k) for s, k in chunks if k <= self.group_width] if self.group_width else []
+        calls = [[c] for c in chunks if c not in small] if len(small) > 1 else [[c] for c in chunks]
+        if len(small) > 1:   # several short prompts (a burst of requests): one call
+            calls.append(small)
+        for group in calls:
+            if len(group) == 1:
+                n_rows, width = 1, next(w for w in self.widths if w >= group[0][1])
+            else:
+                n_rows, width = next(r for r in self.row_buckets() if r >= len(group)), self.group_width
+            need = max(-(-(s.cached + k) // self.block_size) for s, k in group)
+            logits = self._call(group, n_rows, width, need)
+            for i, (seq, k) in enumerate(group):
+                seq.cached += k
+                self.metrics.prefill_chunks.inc()
+                if seq.cached == len(self._tokens(seq)):
+                    results.append((seq, logits[i]))
         self.step_count += 1
         self.metrics.steps.inc()
         self.metrics.batch_rows.observe(len(decode) + len(chunks))
