@@ -190,6 +190,16 @@ def test_eviction_and_preemption_under_memory_pressure(long_model, tokenizer):
     _all_blocks_back(eng)
 
 
+def test_a_prompt_past_max_model_len_fails_alone(engine, tokenizer):
+    got = []
+    bad = Sequence(random_ids(LEN, 9, tokenizer.vocab_size), SamplingParams(temperature=0.0, max_tokens=4), got.append)
+    good = _seq(random_ids(6, 10, tokenizer.vocab_size), max_tokens=3)
+    _drive(engine, {0: [bad, good]})
+    assert got[-1].finish_reason == "error" and "--max-model-len 256" in got[-1].error
+    assert len(good.output_ids) == 3
+    _all_blocks_back(engine)
+
+
 def test_a_cache_too_small_for_one_sequence_is_a_config_error(ref_model, tokenizer):
     from telechat_ms.errors import ConfigError
     with pytest.raises(ConfigError, match="cannot hold one sequence of --max-model-len 256"):

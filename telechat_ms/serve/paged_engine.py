@@ -245,6 +245,13 @@ class PagedEngine(Engine):
                 chunks.append((seq, n))
                 budget -= n
         while budget > 0 and self.waiting and None in self.rows:
+            head = self.waiting[0]
+            if len(head.prompt_ids) >= self.max_model_len:   # callers of submit() that skipped the HTTP checks
+                self.waiting.popleft()
+                self._unpend(1)
+                self._finish(head, "", "error", error=f"the prompt has {len(head.prompt_ids)} tokens: no room for "
+                             f"an answer within --max-model-len {self.max_model_len}")
+                continue
             admitted = self._admit_one(budget)
             if admitted is None:
                 break
