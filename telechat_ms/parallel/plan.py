@@ -233,7 +233,8 @@ def _format_predict(p: PredictPlan, limit_gib: float) -> list[str]:
         g = p.paged
         lines.append(f"  paged engine terms (serve MODEL_DIR's cache; block {g['block_size']}, "
                      f"--max-num-batched-tokens {g['budget']}): weights + the largest step's activations "
-                     f"({g['activations'] / GIB:.2f} GiB) leave {max(g['free'], 0) / GIB:.2f} GiB = {g['blocks']} blocks per NPU "
+                     f"({g['activations'] / GIB:.2f} GiB) leave {max(g['free'], 0) / GIB:.2f} GiB = "
+                     f"{g['blocks']} blocks per NPU "
                      f"({g['blocks'] * g['block_size']} tokens): {g['at_seq']} sequences at {p.seq} tokens, "
                      f"{g['at_2048']} at 2048")
     if p.decode is None:
