@@ -44,9 +44,10 @@ def _setup(args) -> str:
     from telechat_ms.data.train_tokenizer import train_tokenizer
     from telechat_ms.reference.random_checkpoint import tiny_config, write_random_hf_checkpoint
     tok = train_tokenizer(os.path.join(args.ckpt, "tok"), vocab_size=1024)
+    # TeleChat2's own training_seqlen (8192): long prompts and chat histories take the same rotary tables
     cfg = tiny_config(hidden_size=args.hidden, n_layer=args.layers, n_head=8, num_key_value_heads=2,
-                      ffn_hidden_size=int(2.6875 * args.hidden), vocab_size=tok.vocab_size, training_seqlen=256,
-                      base_seqlen=256, seq_length=256)
+                      ffn_hidden_size=int(2.6875 * args.hidden), vocab_size=tok.vocab_size, training_seqlen=8192,
+                      base_seqlen=8192, seq_length=8192)
     write_random_hf_checkpoint(args.ckpt, cfg, seed=0)
     tok.save_pretrained(args.ckpt)
     return args.ckpt
@@ -60,27 +61,48 @@ def _cache_len(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- offline worker
 def offline_worker(args) -> None:
-    """Child process: tokens/s of model.generate over the 8 prompts as one batch (after one warm-up call)."""
+    """Child process: tokens/s of model.generate over the 8 prompts as one batch and one by one (after one warm-up
+    call each), or (--tokens-of FILE) the greedy tokens of one prompt."""
     from telechat_ms.model.telechat import TeleChatForCausalLM
     from telechat_ms.serve.server import set_runtime
     set_runtime(None, args.cpu_threads)
     model = TeleChatForCausalLM.from_pretrained(args.ckpt)
+    if args.tokens_of:   # one long prompt: model.generate if it fits its static cache, else the torch reference
+        with open(args.tokens_of) as f:
+            prompt = json.load(f)
+        if len(prompt) + args.new <= 4096:
+            tokens = model.generate([prompt], max_new_tokens=args.new, eos_token_id=None).new_tokens[0]
+        else:   # generate's full-width prefill over an 8192-slot cache needs ~10 GB here: the released code's
+            import torch
+            from telechat_ms.reference.torch_model import TeleChatRef
+            torch.set_num_threads(args.cpu_threads or 2)
+            ref = TeleChatRef.from_pretrained(args.ckpt)
+            with torch.no_grad():
+                out = ref.generate(torch.tensor([prompt]), args.new, eos_token_id=None)
+            tokens = out.sequences[0].tolist()[len(prompt):]
+        print(json.dumps({"tokens": tokens}))
+        return
     prompts = _prompts(args)
-    model.generate(prompts, max_new_tokens=args.new, eos_token_id=None)     # compile
-    rates = []
-    for _ in range(args.offline_repeats):
-        start = time.perf_counter()
-        out = model.generate(prompts, max_new_tokens=args.new, eos_token_id=None)
-        rates.append(sum(len(t) for t in out.new_tokens) / (time.perf_counter() - start))
-    print(json.dumps({"tokens_per_second": statistics.median(rates)}))
+    result = {}
+    for name, groups in (("tokens_per_second", [prompts]), ("single_tokens_per_second", [[p] for p in prompts])):
+        model.generate(groups[0], max_new_tokens=args.new, eos_token_id=None)     # compile
+        rates = []
+        for _ in range(args.offline_repeats):
+            start, n = time.perf_counter(), 0
+            for group in groups:
+                n += sum(len(t) for t in model.generate(group, max_new_tokens=args.new, eos_token_id=None).new_tokens)
+            rates.append(n / (time.perf_counter() - start))
+        result[name] = statistics.median(rates)
+    print(json.dumps(result))
 
 
-def _offline(args) -> float:
+def _offline(args, tokens_of: str | None = None, new: int | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--offline-worker", "--ckpt", args.ckpt, "--prompt",
-           str(args.prompt), "--new", str(args.new), "--offline-repeats", str(args.offline_repeats)] + \
-        (["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else [])
+           str(args.prompt), "--new", str(new or args.new), "--offline-repeats", str(args.offline_repeats)] + \
+        (["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else []) + \
+        (["--tokens-of", tokens_of] if tokens_of else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=True, timeout=900).stdout
-    return json.loads(out.strip().splitlines()[-1])["tokens_per_second"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _env() -> dict:
@@ -96,9 +118,15 @@ def _byte_pieces(ckpt: str) -> dict[str, float]:
     return {str(i): -100.0 for i in range(tok.vocab_size) if tok.id_to_piece(i).startswith("<0x")}
 
 
-async def _one(client, url: str, prompt: list[int], new: int, bias: dict[str, float]) -> dict:
+async def _one(client, url: str, prompt: list[int], new: int, bias: dict[str, float], ids: bool = False) -> dict:
     body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}, "logit_bias": bias}
+    if ids:   # the answer's token ids (whole answer, one request)
+        body.update(stream=False, return_tokens_as_token_ids=True, logprobs=0)
+        resp = await client.post(url + "/v1/completions", json=body)
+        resp.raise_for_status()
+        toks = resp.json()["choices"][0]["logprobs"]["tokens"]
+        return {"token_ids": [int(t.split(":", 1)[1]) for t in toks]}
     start = time.perf_counter()
     stamps, tokens = [], 0
     async with client.stream("POST", url + "/v1/completions", json=body) as resp:
@@ -129,25 +157,168 @@ async def _clients(url: str, prompts: list[list[int]], concurrency: int, new: in
             "itl_p50": float(np.percentile(gaps, 50)) if gaps else float("nan")}
 
 
-def _start_server(args, port: int) -> subprocess.Popen:
+def _start_server(args, port: int, max_len: int | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     import httpx
     cmd = [sys.executable, "-m", "telechat_ms.cli", "serve", args.ckpt, "--port", str(port), "--max-batch-size", "8",
-           "--max-model-len", str(_cache_len(args) - 1), "--served-model-name", "bench"] + \
+           "--max-model-len", str(max_len or _cache_len(args) - 1), "--served-model-name", "bench", *extra] + \
         (["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else []) + \
         (["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms is not None else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    proc.started = time.perf_counter()
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                proc.healthy_after = time.perf_counter() - proc.started
                 return proc
         except httpx.TransportError:
             pass
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError("server did not start")
+
+
+def _peak_rss(proc: subprocess.Popen) -> float:
+    """The server's peak resident memory (VmHWM) in GB."""
+    with open(f"/proc/{proc.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(60)
+
+
+def _p95(xs: list[float]) -> float:
+    return float(np.percentile(xs, 95)) if xs else float("nan")
+
+
+def memory_scenario(args) -> None:
+    """Peak RSS and time to healthy at --max-model-len 256 vs 32768 (--max-batch-size 8)."""
+    got = {}
+    for length in (256, 32768):
+        proc = _start_server(args, args.port, length)
+        got[length] = (_peak_rss(proc), proc.healthy_after)
+        _stop(proc)
+        print(f"--max-model-len {length:6d}: peak RSS {got[length][0]:.2f} GB, healthy in {got[length][1]:.1f} s",
+              flush=True)
+    ratio = got[32768][0] / got[256][0]
+    print(f"target peak RSS at 32768 <= 1.5x at 256: {ratio:.2f}x {'MET' if ratio <= 1.5 else 'MISSED'}; "
+          f"healthy within 120 s: {'MET' if got[32768][1] <= 120 else 'MISSED'}")
+
+
+def long_scenarios(args, bias) -> None:
+    """At --max-model-len 8192: a 6000-token prompt beside 4 short streams; prefix-cache TTFT of a second turn over
+    a 2000-token history (vs --no-prefix-caching); decode ITL vs --max-model-len 512."""
+    url = f"http://127.0.0.1:{args.port}"
+    rng = np.random.default_rng(5)
+    long_prompt = rng.integers(9, args.vocab_floor, size=args.long_prompt).tolist()
+    shorts = _prompts(args)[:4]
+    history = rng.integers(9, args.vocab_floor, size=2000).tolist()
+    question = rng.integers(9, args.vocab_floor, size=20).tolist()
+
+    async def beside():
+        import httpx
+        async with httpx.AsyncClient(timeout=900) as client:
+            alone = await asyncio.gather(*(_one(client, url, p, args.new, bias) for p in shorts))
+            task = asyncio.ensure_future(_one(client, url, long_prompt, 16, {}, ids=True))   # as the reference: no bias
+            await asyncio.sleep(0.05)
+            during = await asyncio.gather(*(_one(client, url, p, args.new, bias) for p in shorts))
+            return alone, during, await task
+
+    async def turns():
+        import httpx
+        async with httpx.AsyncClient(timeout=900) as client:
+            first = await _one(client, url, history, 16, bias, ids=True)
+            second = await _one(client, url, history + first["token_ids"] + question, 16, bias)
+            return second["ttft"]
+
+    async def short_itl():
+        import httpx
+        async with httpx.AsyncClient(timeout=900) as client:
+            gaps = []
+            for p in _prompts(args)[:3]:
+                gaps += (await _one(client, url, p, args.new, bias))["gaps"]
+            return float(np.percentile(gaps, 50))
+
+    results = {}
+    for name, length, extra in (("512", 512, ()), ("8192", 8192, ()), ("8192 no-prefix", 8192,
+                                                                        ("--no-prefix-caching",))):
+        proc = _start_server(args, args.port, length, extra)
+        try:
+            asyncio.run(short_itl())    # warm
+            results[name] = {"itl": asyncio.run(short_itl())}
+            if length == 8192:
+                asyncio.run(turns())    # compiles the long-context shapes once
+                results[name]["ttft2"] = min(asyncio.run(turns()) for _ in range(2))
+            if name == "8192":
+                asyncio.run(beside())   # warm the long shapes
+                alone, during, long_out = asyncio.run(beside())
+                results[name].update(alone=_p95([g for r in alone for g in r["gaps"]]),
+                                     during=_p95([g for r in during for g in r["gaps"]]),
+                                     long_tokens=long_out["token_ids"])
+        finally:
+            _stop(proc)
+        shown = {k: v for k, v in results[name].items() if k != "long_tokens"}
+        print(f"server {name}: {shown}", flush=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(long_prompt, f)
+    reference = _offline(args, tokens_of=f.name, new=16)["tokens"]
+    os.unlink(f.name)
+    r = results["8192"]
+    itl_ratio = results["8192"]["itl"] / results["512"]["itl"]
+    beside_ratio = r["during"] / r["alone"]
+    prefix_ratio = results["8192 no-prefix"]["ttft2"] / r["ttft2"]
+    print(f"{args.long_prompt}-token prompt beside 4 streams: ITL p95 {1e3 * r['alone']:.1f} ms alone, "
+          f"{1e3 * r['during']:.1f} ms during: {beside_ratio:.2f}x (target <= 3x "
+          f"{'MET' if beside_ratio <= 3 else 'MISSED'}); its tokens equal the reference (generate, or the torch "
+          f"reference past 4096 tokens): "
+          f"{r['long_tokens'] == reference}")
+    print(f"second turn over a 2000-token history, TTFT: {1e3 * r['ttft2']:.1f} ms with prefix caching, "
+          f"{1e3 * results['8192 no-prefix']['ttft2']:.1f} ms without: {prefix_ratio:.1f}x (target >= 5x "
+          f"{'MET' if prefix_ratio >= 5 else 'MISSED'})")
+    print(f"decode ITL p50 at --max-model-len 8192 vs 512: {1e3 * results['8192']['itl']:.2f} / "
+          f"{1e3 * results['512']['itl']:.2f} ms = {itl_ratio:.2f}x (target <= 1.2x "
+          f"{'MET' if itl_ratio <= 1.2 else 'MISSED'})")
+
+
+def throughput_scenario(args, prompts, bias) -> None:
+    url = f"http://127.0.0.1:{args.port}"
+    server = _start_server(args, args.port)
+    rows: dict[str, list[dict]] = {f"{c} clients": [] for c in CONCURRENCY}
+    offline: list[dict] = []
+    try:
+        asyncio.run(_clients(url, prompts, 8, args.new, bias))          # warm the server's paths
+        asyncio.run(_clients(url, prompts, 1, args.new, bias))
+        for r in range(args.rounds):
+            offline.append(_offline(args))
+            for c in CONCURRENCY:
+                rows[f"{c} clients"].append(asyncio.run(_clients(url, prompts, c, args.new, bias)))
+            print(f"round {r + 1}: offline {offline[-1]['tokens_per_second']:.1f} tok/s (one by one "
+                  f"{offline[-1]['single_tokens_per_second']:.1f}); " + "; ".join(
+                      f"{k} {v[-1]['tokens_per_second']:.1f} tok/s" for k, v in rows.items()), flush=True)
+    finally:
+        _stop(server)
+    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in rows.items()}
+    off = statistics.median(o["tokens_per_second"] for o in offline)
+    single = statistics.median(o["single_tokens_per_second"] for o in offline)
+    print(f"\nmodel hidden {args.hidden} x {args.layers} layers, {N_PROMPTS} prompts of ~{args.prompt} tokens, "
+          f"{args.new} new tokens each, --max-model-len {_cache_len(args) - 1}, medians of {args.rounds} rounds")
+    print(f"{'':12s} {'tok/s':>8s} {'TTFT p50':>10s} {'TTFT p95':>10s} {'ITL p50':>9s}")
+    for k, m in med.items():
+        print(f"{k:12s} {m['tokens_per_second']:8.1f} {1e3 * m['ttft_p50']:8.1f}ms {1e3 * m['ttft_p95']:8.1f}ms "
+              f"{1e3 * m['itl_p50']:7.2f}ms")
+    print(f"{'offline gen':12s} {off:8.1f}   (model.generate, batch of {N_PROMPTS}); one by one {single:.1f}")
+    one = med["1 clients"]["tokens_per_second"] / single
+    vs_offline = med["8 clients"]["tokens_per_second"] / off
+    print(f"target 1 client >= 0.8x one-sequence generate: {one:.2f}x  {'MET' if one >= 0.8 else 'MISSED'}")
+    print(f"target 8 clients >= 0.9x offline batch:        {vs_offline:.2f}x  "
+          f"{'MET' if vs_offline >= 0.9 else 'MISSED'}")
 
 
 def main() -> None:
@@ -159,47 +330,30 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--offline-repeats", type=int, default=2)
     p.add_argument("--port", type=int, default=8731)
+    p.add_argument("--long-prompt", type=int, default=6000, help="the long prompt streamed beside 4 short ones")
+    p.add_argument("--only", nargs="+", default=["throughput", "memory", "long"],
+                   choices=["throughput", "memory", "long"], help="scenarios to run (default: all)")
     p.add_argument("--batch-window-ms", type=float, default=None, help="the server's --batch-window-ms "
                    "(default: the server's default)")
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="MindSpore CPU kernel threads for both the server and offline generate (same setting)")
-    p.add_argument("--ckpt", default=os.path.join(tempfile.gettempdir(), "telechat_serve_bench"))
+    p.add_argument("--ckpt", default=os.path.join(tempfile.gettempdir(), "telechat_serve_bench_8k"))
     p.add_argument("--vocab-floor", type=int, default=1000, help=argparse.SUPPRESS)
     p.add_argument("--offline-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tokens-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.offline_worker:
         offline_worker(args)
         return
     sys.path.insert(0, REPO)
     _setup(args)
-    prompts, url, bias = _prompts(args), f"http://127.0.0.1:{args.port}", _byte_pieces(args.ckpt)
-    server = _start_server(args, args.port)
-    rows: dict[str, list[dict]] = {f"{c} clients": [] for c in CONCURRENCY}
-    offline: list[float] = []
-    try:
-        asyncio.run(_clients(url, prompts, 8, args.new, bias))          # warm the server's paths
-        for r in range(args.rounds):
-            offline.append(_offline(args))
-            for c in CONCURRENCY:
-                rows[f"{c} clients"].append(asyncio.run(_clients(url, prompts, c, args.new, bias)))
-            print(f"round {r + 1}: offline {offline[-1]:.1f} tok/s; " + "; ".join(
-                f"{k} {v[-1]['tokens_per_second']:.1f} tok/s" for k, v in rows.items()), flush=True)
-    finally:
-        server.terminate()
-        server.wait(60)
-    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in rows.items()}
-    off = statistics.median(offline)
-    print(f"\nmodel hidden {args.hidden} x {args.layers} layers, {N_PROMPTS} prompts of ~{args.prompt} tokens, "
-          f"{args.new} new tokens each, cache {_cache_len(args)} slots, medians of {args.rounds} rounds")
-    print(f"{'':12s} {'tok/s':>8s} {'TTFT p50':>10s} {'TTFT p95':>10s} {'ITL p50':>9s}")
-    for k, m in med.items():
-        print(f"{k:12s} {m['tokens_per_second']:8.1f} {1e3 * m['ttft_p50']:8.1f}ms {1e3 * m['ttft_p95']:8.1f}ms "
-              f"{1e3 * m['itl_p50']:7.2f}ms")
-    print(f"{'offline gen':12s} {off:8.1f}   (model.generate, batch of {N_PROMPTS})")
-    scale = med["8 clients"]["tokens_per_second"] / med["1 clients"]["tokens_per_second"]
-    vs_offline = med["8 clients"]["tokens_per_second"] / off
-    print(f"target 8 clients >= 3x 1 client:        {scale:.2f}x  {'MET' if scale >= 3 else 'MISSED'}")
-    print(f"target 8 clients >= 0.8x offline batch:  {vs_offline:.2f}x  {'MET' if vs_offline >= 0.8 else 'MISSED'}")
+    prompts, bias = _prompts(args), _byte_pieces(args.ckpt)
+    if "throughput" in args.only:
+        throughput_scenario(args, prompts, bias)
+    if "memory" in args.only:
+        memory_scenario(args)
+    if "long" in args.only:
+        long_scenarios(args, bias)
 
 
 if __name__ == "__main__":

@@ -203,3 +203,38 @@ def cache_inputs(cfg: RotaryConfig, positions: np.ndarray, totals: np.ndarray, s
     heads = np.broadcast_to(np.arange(cfg.num_key_value_heads)[None, :, None], rows.shape)
     index = np.stack([rows, heads, np.broadcast_to(slots[:, None, :], rows.shape)], axis=-1).astype(np.int32)
     return CacheInputs(cos, sin, hide[:, None].astype(np.uint8), index)
+
+
+@dataclass
+class PagedInputs:
+    """Host inputs of one paged kv-cache step: per-token rotary tables and the mask over the gathered context."""
+
+    cos: np.ndarray     # [R, n, 1, d]
+    sin: np.ndarray     # [R, n, 1, d]
+    mask: np.ndarray    # uint8 [R, 1, n, C]
+
+
+def paged_inputs(cfg: RotaryConfig, positions: np.ndarray, totals: np.ndarray, ctx_len: int) -> PagedInputs:
+    """Inputs for n new tokens per row over a context gathered from the row's blocks, C = ctx_len slots long.
+
+    positions [R, n]: rotary position of every new token, which is also its slot in the gathered context (a
+    sequence's token p sits at context index p); totals [R, n]: the total length whose NTK base and mscale each
+    token takes (a prompt's tokens: the prompt's length, whatever chunk they are prefilled in; a decoded token: the
+    length it makes), so chunked prefill and batching compute the tables one-sequence `generate` computes. A query
+    sees the context indices <= its position.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    totals = np.asarray(totals, dtype=np.int64)
+    rows, n = positions.shape
+    cos = np.empty((rows, n, 1, cfg.head_dim), np.float32)
+    sin = np.empty_like(cos)
+    groups: dict[tuple[float, float, float], list[int]] = {}
+    for total in np.unique(totals):
+        key = ntk_params(int(total), cfg.head_dim, cfg.training_seqlen, cfg.base_seqlen)
+        groups.setdefault(key, []).append(int(total))
+    for members in groups.values():
+        where = np.isin(totals, members)
+        c, s = tables_for(cfg, positions[where], members[0])
+        cos[where, 0], sin[where, 0] = c, s
+    hide = np.arange(ctx_len)[None, None, :] > positions[:, :, None]
+    return PagedInputs(cos, sin, hide[:, None].astype(np.uint8))

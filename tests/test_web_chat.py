@@ -350,3 +350,41 @@ def test_the_server_hands_out_the_page(server):
         assert _get(f"{server}/static/{name}") == (STATIC / name).read_text(encoding="utf-8")
     models = json.loads(_get(server + "/v1/models"))
     assert models["data"][0]["id"] == NAME
+
+
+def test_a_conversation_longer_than_the_context_drops_its_oldest_turns_and_goes_on(server, browser, tokenizer,
+                                                                                   scripted):
+    page = Page(browser, server)
+    page.set("temperature", "0")
+    page.set("max-tokens", "300")
+    page.set("system-prompt", "You are a test.")
+    answer = expected_answer(tokenizer, scripted, 300)
+    system = {"role": "system", "content": "You are a test."}
+    history = [system]
+    for turn in range(4):            # 3 turns of ~310 tokens fit 1024 with room for 300 more; the 4th does not
+        question = f"question number {turn}"
+        page.send(question)
+        done = page.answer_done(turn)
+        assert page.text(turn) == answer and done.get_attribute("data-finish") == "length"
+        history += [{"role": "user", "content": question}]
+        sent = page.requests()[-1]["messages"]
+        if turn < 3:
+            assert sent == history and not browser.find_elements(page.By.CSS_SELECTOR, "#messages .notice")
+        history += [{"role": "assistant", "content": answer}]
+    # the 4th request: the first turn (question + answer) dropped, the system prompt kept, the rest whole
+    assert sent == [system] + history[3:-1]
+    assert _prompt_tokens(tokenizer, sent) + 300 <= 1024 < _prompt_tokens(tokenizer, history[:-1]) + 300
+    notes = browser.find_elements(page.By.CSS_SELECTOR, "#messages .notice")
+    assert len(notes) == 1 and notes[0].get_attribute("data-dropped") == "2"
+    assert "dropped" in notes[0].text and "1024 tokens" in notes[0].text
+    boxes = browser.find_elements(page.By.CSS_SELECTOR, "#messages .message")
+    assert [b.get_attribute("data-dropped") for b in boxes] == ["1", "1"] + [None] * 6
+    # a single message longer than the context: the server's own error message is shown, and the page goes on
+    browser.execute_script("arguments[0].value = arguments[1]", page.el("prompt"), "word " * 1100)
+    page.el("send").click()
+    failed = page.answer_done(4, states=("error",))
+    error = failed.find_element(page.By.CSS_SELECTOR, ".error").text
+    assert "maximum context length is 1024 tokens" in error
+    page.send("still there?")
+    page.answer_done(5)
+    assert page.requests()[-1]["messages"][-1] == {"role": "user", "content": "still there?"}

@@ -26,7 +26,9 @@ def _serve(args: argparse.Namespace) -> int:
                       max_batch_size=args.max_batch_size or 8, max_model_len=args.max_model_len,
                       max_queue=args.max_queue, api_key=args.api_key, use_jit=not args.no_jit,
                       warmup=not args.no_warmup, device_target=args.device_target, cpu_threads=args.cpu_threads,
-                      batch_window_ms=args.batch_window_ms)
+                      batch_window_ms=args.batch_window_ms, block_size=args.block_size, num_blocks=args.num_blocks,
+                      kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                      max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching)
     return run(cfg) if job is None else run_job(job, cfg)
 
 
@@ -51,7 +53,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--max-batch-size", type=int, default=None,
                    help="rows of the decode batch (sequences at once; default 8)")
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + answer limit in tokens; the kv cache holds this per row (default: seq_length)")
+                   help="prompt + answer limit in tokens (default: seq_length); the kv cache is sized by "
+                        "--num-blocks / --kv-cache-memory-bytes, not by this")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 503 + Retry-After")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*, /generate, "
                    "/tokenize, /detokenize")
@@ -66,4 +69,16 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="an idle engine woken by a request waits up to this long for more, to prefill a burst in "
                         "one step (every step computes all rows); 0 admits at once (default 10)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per kv-cache block (default 16)")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="kv-cache blocks (as vLLM's --num-gpu-blocks-override; default: what "
+                        "--kv-cache-memory-bytes holds)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="kv-cache size in bytes (default 1 GiB, never more than --max-batch-size sequences of "
+                        "--max-model-len fill); sequences are admitted while blocks are free")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens one step computes at most: every decoding sequence's next token, then chunks of "
+                        "prompts (a longer prompt is prefilled over several steps; default 512)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the kv-cache blocks of identical prompt prefixes")
     p.set_defaults(func=_serve, overrides=[], takes_overrides=True)

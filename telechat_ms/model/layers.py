@@ -124,6 +124,14 @@ class TeleChatAttention(nn.Cell):
         self.mask_mul_c = P.Mul()
         self.mask_add_c = P.Add()
         self.softmax_c = P.Softmax(axis=-1)
+        # paged kv cache (telechat_ms.infer.paged): rows of one slot per token, written at the step's slot of every
+        # new token, read back as the blocks of each row's block table
+        self.paged_write_k = P.ScatterUpdate()
+        self.paged_write_v = P.ScatterUpdate()
+        self.paged_gather_k = P.Gather()
+        self.paged_gather_v = P.Gather()
+        self.paged_transpose_k = P.Transpose()
+        self.paged_transpose_v = P.Transpose()
 
     def _repeat_kv(self, x, bs, seq):
         """[B, K, S, d] -> [B, K*n_rep, S, d]: query head j reads kv head j // n_rep."""
@@ -185,6 +193,33 @@ class TeleChatAttention(nn.Cell):
                                        attn_mask)
         else:
             out = self._grouped_attention(q, k_cache, v_cache, attn_mask)
+        out = self.reshape(self.transpose_out(out, (0, 2, 1, 3)), (bs, seq, self.hidden))
+        return self.wo(out)
+
+    def construct_paged(self, x, cos, sin, attn_mask, k_cache, v_cache, write_slots, ctx_slots):
+        """Paged path (serving): write the new rotated keys and values into their slots of the block cache, then
+        attend over the blocks of each row's table only (the live context, not the allocated cache).
+
+        x [R, n, H]; cos/sin [R, n, 1, d] (each token's own tables: the released incremental rule per sequence);
+        attn_mask uint8 [R, 1, n, C] (C = blocks x block size, 1 = may not attend); k_cache/v_cache Parameters
+        [num_blocks * block_size, K, d]; write_slots int32 [R * n]; ctx_slots int32 [R, C]: the slot of every
+        context index (the row's blocks expanded to their slots: the gather reads the cache Parameter as it is, a
+        reshape of it into blocks was measured to copy it).
+        """
+        bs, seq, _ = x.shape
+        q = self.reshape(self.wq(x), (bs, seq, self.n_head, self.head_dim))
+        kv = self.reshape(self.wk_v(x), (bs, seq, self.n_kv, 2 * self.head_dim))
+        k, v = self.split_kv(kv)
+        q = self.transpose_q(self.rotary(q, cos, sin), (0, 2, 1, 3))        # [R, N, n, d]
+        k = self.reshape(self.cast(self.rotary(k, cos, sin), k_cache.dtype), (bs * seq, self.n_kv, self.head_dim))
+        v = self.reshape(self.cast(v, v_cache.dtype), (bs * seq, self.n_kv, self.head_dim))
+        k_cache = self.paged_write_k(k_cache, write_slots, k)
+        v_cache = self.paged_write_v(v_cache, write_slots, v)
+        ctx_k = self.paged_gather_k(k_cache, ctx_slots, 0)    # [R, C, K, d]: no copy of the cache itself
+        ctx_v = self.paged_gather_v(v_cache, ctx_slots, 0)
+        ctx_k = self.paged_transpose_k(ctx_k, (0, 2, 1, 3))
+        ctx_v = self.paged_transpose_v(ctx_v, (0, 2, 1, 3))
+        out = self._grouped_attention(q, ctx_k, ctx_v, attn_mask)
         out = self.reshape(self.transpose_out(out, (0, 2, 1, 3)), (bs, seq, self.hidden))
         return self.wo(out)
 
@@ -266,10 +301,26 @@ class TeleChatDecoderLayer(nn.Cell):
         h, aux = self.feed_forward.construct_aux(self.ffn_norm(x))
         return self.add_ffn(x, self.cast(h, x.dtype)), aux
 
+    def construct_paged(self, x, cos, sin, attn_mask, k_cache, v_cache, write_slots, ctx_slots):
+        """The same block over the paged kv cache (TeleChatAttention.construct_paged)."""
+        h = self.attention.construct_paged(self.attention_norm(x), cos, sin, attn_mask, k_cache, v_cache,
+                                           write_slots, ctx_slots)
+        x = self.add_attn(x, self.cast(h, x.dtype))
+        h = self.feed_forward(self.ffn_norm(x))
+        return self.add_ffn(x, self.cast(h, x.dtype))
+
     def construct_with_cache(self, x, cos, sin, attn_mask, k_cache, v_cache, cache_index):
         """The same block with the attention reading and writing the layer's kv cache."""
         h = self.attention.construct_with_cache(self.attention_norm(x), cos, sin, attn_mask, k_cache, v_cache,
                                                 cache_index)
+        x = self.add_attn(x, self.cast(h, x.dtype))
+        h = self.feed_forward(self.ffn_norm(x))
+        return self.add_ffn(x, self.cast(h, x.dtype))
+
+    def construct_paged(self, x, cos, sin, attn_mask, k_cache, v_cache, write_slots, ctx_slots):
+        """The same block over the paged kv cache (TeleChatAttention.construct_paged)."""
+        h = self.attention.construct_paged(self.attention_norm(x), cos, sin, attn_mask, k_cache, v_cache,
+                                           write_slots, ctx_slots)
         x = self.add_attn(x, self.cast(h, x.dtype))
         h = self.feed_forward(self.ffn_norm(x))
         return self.add_ffn(x, self.cast(h, x.dtype))

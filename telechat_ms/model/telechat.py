@@ -65,6 +65,16 @@ class TeleChatModel(nn.Cell):
             h = self.layers[i].construct_with_cache(h, cos, sin, attn_mask, k_caches[i], v_caches[i], cache_index)
         return self.norm_out(h)
 
+    def construct_paged(self, input_ids, cos, sin, attn_mask, k_caches, v_caches, write_slots, block_table):
+        """Hidden states of the new tokens over the paged kv cache (telechat_ms.infer.paged)."""
+        h = self.cast(self.tok_embeddings(input_ids), self.compute_dtype)
+        if self.embed_layernorm:
+            h = self.word_embeddings_layernorm(h)
+        for i in range(len(self.layers)):
+            h = self.layers[i].construct_paged(h, cos, sin, attn_mask, k_caches[i], v_caches[i], write_slots,
+                                               block_table)
+        return self.norm_out(h)
+
 
 class TeleChatForCausalLM(nn.Cell, GenerationMixin):
     """TeleChat2 language model: logits [B, S, V], or the mean token loss when labels are given."""
@@ -103,6 +113,14 @@ class TeleChatForCausalLM(nn.Cell, GenerationMixin):
         """Inference step with a kv cache (telechat_ms.infer builds the inputs): fp32 logits [B, 1, V] of the
         token at position last_index (int32 [1]) of input_ids; the caches are updated in place."""
         hidden = self.model.construct_with_cache(input_ids, cos, sin, attn_mask, k_caches, v_caches, cache_index)
+        hidden = self.gather_last(hidden, last_index, 1)
+        return self.logits_fp32(self.lm_head(hidden), ms.float32)
+
+    def forward_paged(self, input_ids, cos, sin, attn_mask, k_caches, v_caches, write_slots, block_table,
+                      last_index):
+        """Serving step over the paged kv cache: fp32 logits [R, 1, V] of column last_index (int32 [1])."""
+        hidden = self.model.construct_paged(input_ids, cos, sin, attn_mask, k_caches, v_caches, write_slots,
+                                            block_table)
         hidden = self.gather_last(hidden, last_index, 1)
         return self.logits_fp32(self.lm_head(hidden), ms.float32)
 

@@ -51,6 +51,7 @@ class PredictPlan:
     weights_only: DecodeEstimate | None
     size: str | None = None
     published: float | None = None     # the MindSpore port's tokens/s for this size
+    paged: dict | None = None          # the paged engine's terms: blocks per NPU, sequences, the token budget
 
 
 @dataclass
@@ -162,7 +163,20 @@ def _predict_plan(cfg: TeleChatConfig, dims: ParallelDims, batch: int, seq: int,
         max_seq=largest_fitting(lambda n: predict_memory(cfg, dims, batch, n).total, limit_bytes, 1 << 22),
         decode=DecodeEstimate(mem.parts["weights"] + mem.parts["kv_cache"], bandwidth_gbs, batch) if ascend else None,
         weights_only=DecodeEstimate(mem.parts["weights"], bandwidth_gbs, batch) if ascend else None,
-        size=size, published=PUBLISHED_DECODE_TOKENS_S.get(size or ""))
+        size=size, published=PUBLISHED_DECODE_TOKENS_S.get(size or ""),
+        paged=_paged_terms(cfg, dims, batch, seq, limit_bytes, mem.parts["weights"]))
+
+
+def _paged_terms(cfg: TeleChatConfig, dims: ParallelDims, batch: int, seq: int, limit_bytes: float,
+                 weights: float, block_size: int = 16, budget: int = 512) -> dict:
+    """The memory left for a paged kv cache (telechat_ms.serve.paged_engine: serve's defaults --block-size 16,
+    --max-num-batched-tokens 512) once the weights and the largest step's activations are in, and what it holds."""
+    from telechat_ms.infer.paged_budget import paged_capacity, step_activation_bytes
+    act = step_activation_bytes(cfg, budget, batch, seq, mp=dims.mp)
+    free = limit_bytes - weights - act
+    blocks, at_seq = paged_capacity(cfg, free, seq, block_size, dims.mp)
+    return dict(block_size=block_size, budget=budget, activations=act, free=free, blocks=blocks, at_seq=at_seq,
+                at_2048=paged_capacity(cfg, free, 2048, block_size, dims.mp)[1])
 
 
 def make_plan(job: JobConfig, launch: Launch | None = None, hbm_gb: float = 64.0, runtime_reserve_gb: float = 2.0,
@@ -222,6 +236,14 @@ def _format_predict(p: PredictPlan, limit_gib: float) -> list[str]:
              f"{p.kv_per_token * p.batch * p.seq / GIB:.2f} GiB at batch {p.batch} x seq_length {p.seq}",
              f"  largest that fits {limit_gib:.2f} GiB: batch {p.max_batch} at seq_length {p.seq}; "
              f"seq_length {p.max_seq} at batch {p.batch}"]
+    if p.paged is not None:
+        g = p.paged
+        lines.append(f"  paged engine terms (serve MODEL_DIR's cache; block {g['block_size']}, "
+                     f"--max-num-batched-tokens {g['budget']}): weights + the largest step's activations "
+                     f"({g['activations'] / GIB:.2f} GiB) leave {max(g['free'], 0) / GIB:.2f} GiB = "
+                     f"{g['blocks']} blocks per NPU "
+                     f"({g['blocks'] * g['block_size']} tokens): {g['at_seq']} sequences at {p.seq} tokens, "
+                     f"{g['at_2048']} at 2048")
     if p.decode is None:
         return lines + ["  decode estimate: for Ascend jobs (context.device_target: Ascend) only"]
     dec, weights = p.decode, p.weights_only.bytes_per_step

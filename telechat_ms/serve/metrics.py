@@ -48,6 +48,26 @@ class ServeMetrics:
         self.abort_steps = Histogram("telechat_abort_to_free_steps", "Model steps between a cancellation (client "
                                      "gone) and its row being freed.", buckets=(0, 1, 2, 4, 8, 16, 64), registry=r)
         self.engine_errors = Counter("telechat_engine_errors", "Model steps that raised.", registry=r)
+        # paged kv cache (telechat_ms.serve.paged_engine); vLLM's kv_cache_usage_perc, prefix_cache_*, preemptions
+        self.blocks_used = Gauge("telechat_kv_cache_blocks_used", "kv-cache blocks held by running sequences "
+                                 "(cached blocks nobody uses count as free).", registry=r)
+        self.blocks_free = Gauge("telechat_kv_cache_blocks_free", "kv-cache blocks an allocation can take (free, "
+                                 "or cached and unused: evicted least recently used first).", registry=r)
+        self.blocks_cached = Gauge("telechat_kv_cache_blocks_cached", "Full blocks in the prefix cache.",
+                                   registry=r)
+        self.cache_usage = Gauge("telechat_kv_cache_usage_perc", "Fraction of kv-cache blocks in use.", registry=r)
+        self.prefix_queries = Counter("telechat_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache (full blocks).", registry=r)
+        self.prefix_hits = Counter("telechat_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   registry=r)
+        self.prefix_misses = Counter("telechat_prefix_cache_misses", "Prompt tokens looked up and not found.",
+                                     registry=r)
+        self.evictions = Counter("telechat_prefix_cache_evictions", "Cached blocks evicted for new ones.",
+                                 registry=r)
+        self.preemptions = Counter("telechat_num_preemptions", "Sequences preempted (blocks freed, recomputed "
+                                   "later) because the cache was full.", registry=r)
+        self.prefill_chunks = Counter("telechat_prefill_chunks", "Prefill chunks computed (a prompt longer than "
+                                      "--max-num-batched-tokens takes several).", registry=r)
         for reason in ("stop", "length", "abort", "error"):
             self.finished.labels(finished_reason=reason)
 

@@ -35,6 +35,12 @@ class Sequence:
     output: OutputBuilder | None = None
     pending_ids: list[int] = field(default_factory=list)
     pending_lps: list[TokenLogprob] = field(default_factory=list)
+    # paged engine (telechat_ms.serve.paged_engine): the kv-cache blocks it holds, the prefix-cache keys of its
+    # full blocks so far, when it was admitted (the latest is preempted first), prefix-cache tokens it reused
+    blocks: list[int] = field(default_factory=list)
+    block_keys: list[int] = field(default_factory=list)
+    admitted_at: int = 0
+    reused_tokens: int = 0
 
     def rng(self) -> np.random.Generator | None:
         """The sequence's own Generator: the seed for choice 0 (the draws of generate(seed=...)), (seed, i) for

@@ -15,6 +15,7 @@ import numpy as np
 from telechat_ms.errors import ConfigError
 from telechat_ms.infer.gen_config import GenerationConfig
 from telechat_ms.serve.engine import Engine, Scorer, StepperFactory
+from telechat_ms.serve.paged_engine import PagedEngine
 from telechat_ms.serve.state import ServeState
 
 log = logging.getLogger("telechat_ms.serve")
@@ -38,6 +39,12 @@ class ServeConfig:
     device_target: str | None = None
     cpu_threads: int | None = None      # CPU kernel threads (MindSpore's default: 25)
     batch_window_ms: float = 10.0       # an idle engine waits this long for more requests to prefill together
+    # the paged kv cache (serve MODEL_DIR): block size, and its size as a block count or a memory budget
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    max_num_batched_tokens: int = 512   # tokens one step computes at most (decodes + prefill chunks)
+    prefix_caching: bool = True
 
 
 def local_stepper_factory(model, use_jit: bool = True) -> StepperFactory:
@@ -46,6 +53,15 @@ def local_stepper_factory(model, use_jit: bool = True) -> StepperFactory:
 
     def make(batch: int, max_len: int) -> CacheStepper:
         return CacheStepper(model, batch, max_len, use_jit)
+    return make
+
+
+def paged_stepper_factory(model, use_jit: bool = True):
+    """PagedEngine stepper factory over this process's model (telechat_ms.infer.paged.PagedStepper)."""
+    from telechat_ms.infer.paged import PagedStepper
+
+    def make(num_blocks: int, block_size: int) -> PagedStepper:
+        return PagedStepper(model, num_blocks, block_size, use_jit)
     return make
 
 
@@ -71,14 +87,16 @@ def set_runtime(device_target: str | None, cpu_threads: int | None) -> None:
 
 
 def start_state(cfg: ServeConfig, model, checkpoint: str, factory: StepperFactory, max_model_len: int,
-                max_batch_size: int, scorer: Scorer | None, on_idle=None) -> ServeState:
+                max_batch_size: int, scorer: Scorer | None, on_idle=None, paged: dict | None = None) -> ServeState:
     """The tokenizer (checked against the model), the engine over `factory` (started: compiling its graphs when
-    warmup is on) and the served state, for a model loaded from `checkpoint`."""
+    warmup is on) and the served state, for a model loaded from `checkpoint`. `paged`: the PagedEngine's cache
+    and budget settings (factory then makes PagedSteppers); None: the static-cache Engine."""
     from telechat_ms.data.tokenizer import TeleChatTokenizer
     tokenizer = TeleChatTokenizer.for_model(cfg.tokenizer or checkpoint, model.config.vocab_size)
-    engine = Engine(factory, tokenizer, tokenizer.vocab_size, max_model_len, max_batch_size=max_batch_size,
-                    max_queue=cfg.max_queue, scorer=scorer, pad_token_id=model.config.pad_token_id,
-                    warmup=cfg.warmup, batch_window=cfg.batch_window_ms / 1000.0, on_idle=on_idle)
+    cls, extra = (Engine, {}) if paged is None else (PagedEngine, paged)
+    engine = cls(factory, tokenizer, tokenizer.vocab_size, max_model_len, max_batch_size=max_batch_size,
+                 max_queue=cfg.max_queue, scorer=scorer, pad_token_id=model.config.pad_token_id,
+                 warmup=cfg.warmup, batch_window=cfg.batch_window_ms / 1000.0, on_idle=on_idle, **extra)
     engine.start()
     return ServeState(engine, tokenizer, cfg.served_model_name or checkpoint,
                       GenerationConfig.from_pretrained(checkpoint), checkpoint, cfg.api_key)
@@ -95,8 +113,23 @@ def build_state(cfg: ServeConfig) -> ServeState:
     max_model_len = cfg.max_model_len or model.config.seq_length
     if max_model_len < 2:
         raise ConfigError(f"--max-model-len must be >= 2, got {max_model_len}")
-    return start_state(cfg, model, cfg.model_dir, local_stepper_factory(model, cfg.use_jit), max_model_len,
-                       cfg.max_batch_size, full_forward_scorer(model))
+    return start_state(cfg, model, cfg.model_dir, paged_stepper_factory(model, cfg.use_jit), max_model_len,
+                       cfg.max_batch_size, full_forward_scorer(model), paged=paged_settings(cfg, model.config,
+                                                                                           max_model_len))
+
+
+def paged_settings(cfg: ServeConfig, model_config, max_model_len: int) -> dict:
+    """The PagedEngine's keyword arguments from the serve options (the cache's block count from --num-blocks or
+    --kv-cache-memory-bytes, telechat_ms.infer.paged.plan_num_blocks)."""
+    from telechat_ms.infer.paged import plan_num_blocks
+    for name, value in (("--block-size", cfg.block_size), ("--max-num-batched-tokens", cfg.max_num_batched_tokens),
+                        ("--num-blocks", cfg.num_blocks), ("--kv-cache-memory-bytes", cfg.kv_cache_memory_bytes)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    num_blocks = plan_num_blocks(model_config, max_model_len, cfg.max_batch_size, cfg.block_size, cfg.num_blocks,
+                                 cfg.kv_cache_memory_bytes)
+    return dict(num_blocks=num_blocks, block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                prefix_caching=cfg.prefix_caching)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -10,7 +10,7 @@
     status: $("status"), model: $("model-name"), system: $("system-prompt"), markdown: $("render-markdown"),
     apiKey: $("api-key"), composer: $("composer"),
   };
-  const state = { model: null, history: [], controller: null, views: [] };
+  const state = { model: null, maxLen: null, history: [], controller: null, views: [] };
 
   function setStatus(text, kind) {
     ui.status.textContent = text;
@@ -38,6 +38,7 @@
       if (!response.ok) throw new Error(await errorText(response));
       const body = await response.json();
       state.model = body.data[0].id;
+      state.maxLen = body.data[0].max_model_len || null;
       ui.model.textContent = state.model;
       setStatus("ready", "ready");
     } catch (e) {
@@ -150,6 +151,56 @@
     return false;
   }
 
+  // ---------------------------------------------------------------------------------------- fitting the context
+  // The conversation is sent whole; when it no longer fits the model's context (prompt tokens counted by the
+  // server's /tokenize, plus room for the answer: max tokens, or a quarter of the context up to 512), the oldest
+  // turns are dropped (the system prompt is kept) and the page says so.
+  async function countTokens(messages) {
+    const response = await fetch("/tokenize", { method: "POST", headers: headers(),
+      body: JSON.stringify({ model: state.model, messages, add_generation_prompt: true }) });
+    if (!response.ok) throw new Error(await errorText(response));
+    const body = await response.json();
+    state.maxLen = body.max_model_len;
+    return body.count;
+  }
+
+  function answerRoom(body) {
+    if (body.max_tokens !== undefined) return body.max_tokens;
+    return Math.max(1, Math.min(512, Math.floor(state.maxLen / 4)));
+  }
+
+  function markDropped(message) {
+    const view = state.views.find((v) => v.message === message);
+    if (view) {
+      view.box.dataset.dropped = "1";
+      view.box.classList.add("dropped");
+    }
+  }
+
+  async function fitHistory(beforeBox) {
+    let dropped = 0;
+    for (;;) {
+      const body = requestBody();
+      const count = await countTokens(body.messages);
+      if (count + answerRoom(body) <= state.maxLen || state.history.length <= 1) {
+        if (dropped) {
+          const note = document.createElement("div");
+          note.className = "notice";
+          note.dataset.dropped = String(dropped);
+          note.textContent = "The conversation no longer fits the model's context of " + state.maxLen +
+            " tokens: its " + dropped + " oldest message" + (dropped > 1 ? "s were" : " was") +
+            " dropped (the system prompt is kept). The model no longer sees them.";
+          ui.messages.insertBefore(note, beforeBox);
+        }
+        return body;
+      }
+      let n = 1;  // one turn: a user message and the answers after it
+      while (n < state.history.length - 1 && state.history[n].role !== "user") n += 1;
+      state.history.splice(0, n).forEach(markDropped);
+      dropped += n;
+    }
+  }
+
   function setBusy(busy) {
     ui.send.disabled = busy;
     ui.stop.disabled = !busy;
@@ -162,7 +213,7 @@
     if (!state.model) return;
     const user = { role: "user", content: text };
     state.history.push(user);
-    addView(user, "done");
+    const userView = addView(user, "done");
     ui.prompt.value = "";
     const answer = { role: "assistant", content: "" };
     const view = addView(answer, "streaming");
@@ -175,8 +226,9 @@
     let pieces = 0;
     let finish = null;
     try {
+      const body = await fitHistory(userView.box);
       const response = await fetch("/v1/chat/completions", {
-        method: "POST", headers: headers(), body: JSON.stringify(requestBody()), signal: controller.signal });
+        method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal });
       if (!response.ok) throw new Error(await errorText(response));
       const complete = await readStream(response, (chunk) => {
         if (chunk.error) throw new Error(chunk.error.message || "server error");

@@ -1,0 +1,92 @@
+"""A paged kv cache: fixed-size blocks of slots shared by every sequence, read back through per-row block tables.
+
+Layout: one key and one value Parameter [num_blocks * block_size, K, d] per layer. A step writes each new token's
+key and value at its slot (ScatterUpdate of whole rows) and each row attends over the blocks of its table only,
+gathered into [R, K, C, d] (C = the table's blocks x block_size, a bucket of the live context): a step costs what
+its rows' live contexts cost, not what the cache could hold, and the cache is sized by a block count or a memory
+budget, not by rows x max length. Block 0 is the null block: table entries past a row's blocks point at it and
+padding tokens write into it; the mask hides it (its context indices are past every query's position).
+
+On CPU this is the gather above. The host-side bookkeeping (which blocks a sequence owns, prefix sharing) lives in
+telechat_ms.serve.blocks; the scheduler in telechat_ms.serve.paged_engine.
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn
+from mindspore.common.initializer import initializer
+
+from telechat_ms.backend import ms_dtype
+from telechat_ms.infer.paged_budget import (ATTN_CONTEXT, DEFAULT_KV_CACHE_BYTES, DTYPE_BYTES,  # noqa: F401
+                                            call_activation_bytes, chunk_area, kv_bytes_per_token,
+                                            plan_num_blocks, step_activation_bytes)
+from telechat_ms.positions import paged_inputs
+
+NULL_BLOCK = 0          # never allocated: padding writes go here, past-the-end table entries point here
+
+
+class PagedKVCache(nn.Cell):
+    """Key and value slots of every layer, [num_blocks * block_size, K, d] each; not model parameters."""
+
+    def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_kv: int, head_dim: int, dtype: str):
+        super().__init__(auto_prefix=False)
+        # initializer: no host copy of the zeros (a numpy array per Parameter was measured to cost 1.7x the cache)
+        shape, ms_type = (num_blocks * block_size, n_kv, head_dim), ms_dtype(dtype)
+        self.k = ParameterTuple([Parameter(initializer("zeros", shape, ms_type), name=f"paged_cache.key.{i}",
+                                           requires_grad=False) for i in range(n_layer)])
+        self.v = ParameterTuple([Parameter(initializer("zeros", shape, ms_type), name=f"paged_cache.value.{i}",
+                                           requires_grad=False) for i in range(n_layer)])
+
+
+class PagedStep(nn.Cell):
+    """One forward of new tokens through the model over the paged cache (PyNative); caches are attributes."""
+
+    def __init__(self, lm, k_caches: ParameterTuple, v_caches: ParameterTuple):
+        super().__init__(auto_prefix=False)  # never rename the model's parameters (checkpoint contract)
+        self.lm = lm
+        self.k_caches = k_caches
+        self.v_caches = v_caches
+
+    def construct(self, input_ids, cos, sin, attn_mask, write_slots, block_table, last_index):
+        return self.lm.forward_paged(input_ids, cos, sin, attn_mask, self.k_caches, self.v_caches, write_slots,
+                                     block_table, last_index)
+
+
+class JitPagedStep(PagedStep):
+    """The same step in graph mode: one graph per (rows, width, context blocks) shape."""
+
+    @ms.jit
+    def construct(self, input_ids, cos, sin, attn_mask, write_slots, block_table, last_index):
+        return self.lm.forward_paged(input_ids, cos, sin, attn_mask, self.k_caches, self.v_caches, write_slots,
+                                     block_table, last_index)
+
+
+class PagedStepper:
+    """The compiled paged step of one model over `num_blocks` blocks of `block_size` slots (block 0: null)."""
+
+    def __init__(self, model, num_blocks: int, block_size: int, use_jit: bool = True):
+        if num_blocks < 2:
+            raise ValueError(f"a paged cache needs >= 2 blocks (block 0 is the null block), got {num_blocks}")
+        cfg = model.config
+        self.cfg, self.num_blocks, self.block_size = cfg, int(num_blocks), int(block_size)
+        self.cache = PagedKVCache(cfg.n_layer, self.num_blocks, self.block_size, cfg.num_key_value_heads,
+                                  cfg.head_dim, cfg.compute_dtype)
+        self.cell = (JitPagedStep if use_jit else PagedStep)(model, self.cache.k, self.cache.v)
+        self.shapes: set[tuple[int, int, int]] = set()   # (rows, width, context blocks) run so far
+
+    def step(self, ids: np.ndarray, positions: np.ndarray, totals: np.ndarray, slots: np.ndarray,
+             block_tables: np.ndarray, last: int) -> np.ndarray:
+        """Write ids [R, n] at slots [R, n] (rotary positions [R, n], each token's NTK total [R, n]); row r
+        attends over the blocks block_tables[r] [nb] up to each query's position. fp32 logits [R, V] of column
+        `last`."""
+        tables = np.asarray(block_tables, np.int32)
+        bsz = self.block_size
+        ctx_slots = (tables[:, :, None] * bsz + np.arange(bsz, dtype=np.int32)).reshape(tables.shape[0], -1)
+        inp = paged_inputs(self.cfg, positions, totals, ctx_slots.shape[1])
+        self.shapes.add((ids.shape[0], ids.shape[1], tables.shape[1]))
+        logits = self.cell(Tensor(np.asarray(ids, np.int32)), Tensor(inp.cos), Tensor(inp.sin), Tensor(inp.mask),
+                           Tensor(np.asarray(slots, np.int32).reshape(-1)), Tensor(ctx_slots),
+                           Tensor(np.array([last], np.int32)))
+        return logits.asnumpy()[:, 0]
+
