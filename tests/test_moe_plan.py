@@ -40,7 +40,9 @@ def test_expert_memory_follows_expert_parallel():
     four = make_plan(job, Launch(nodes=128, npus_per_node=8))
     two = make_plan(load_job_config(FINETUNE), Launch(nodes=128, npus_per_node=8))
     assert four.valid
-    assert four.stages[0].parts["gradients"] < two.stages[0].parts["gradients"]  # experts split 4 ways, not 2
+    # the parallel optimizer shards weights, gradient buffers and states over all dp ranks whatever ep is; the
+    # gathered working copies of the experts follow ep (split 4 ways, not 2)
+    assert four.stages[0].parts["copies"] < two.stages[0].parts["copies"]
     cfg = TeleChatConfig.preset("telechat2_39b_a12b", capacity_factor=1.2)
     assert routed_slots(cfg) == pytest.approx(4.8)   # k x capacity: the routed tokens the activations hold
     assert routed_slots(cfg.replace(capacity_factor=0.0)) == 16  # no dropping: a slot in every expert
