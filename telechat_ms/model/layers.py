@@ -316,11 +316,3 @@ class TeleChatDecoderLayer(nn.Cell):
         x = self.add_attn(x, self.cast(h, x.dtype))
         h = self.feed_forward(self.ffn_norm(x))
         return self.add_ffn(x, self.cast(h, x.dtype))
-
-    def construct_paged(self, x, cos, sin, attn_mask, k_cache, v_cache, write_slots, ctx_slots):
-        """The same block over the paged kv cache (TeleChatAttention.construct_paged)."""
-        h = self.attention.construct_paged(self.attention_norm(x), cos, sin, attn_mask, k_cache, v_cache,
-                                           write_slots, ctx_slots)
-        x = self.add_attn(x, self.cast(h, x.dtype))
-        h = self.feed_forward(self.ffn_norm(x))
-        return self.add_ffn(x, self.cast(h, x.dtype))
