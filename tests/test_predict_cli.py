@@ -102,3 +102,11 @@ def test_generate_config_answers_like_generate_model_dir(tiny_predict_dir, tmp_p
 def test_generate_config_usage_errors(argv, message, capsys):
     assert main(["generate", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--block-size", "32"], ["--num-blocks", "64"], ["--kv-cache-memory-bytes", "1024"],
+                                  ["--max-num-batched-tokens", "256"], ["--no-prefix-caching"]])
+def test_serve_config_rejects_the_paged_cache_flags(flag, capsys):
+    """serve --config runs the static-cache engine: the paged kv cache's flags are refused, not ignored."""
+    assert main(["serve", "--config", TINY_PREDICT_YAML, *flag]) == 2
+    assert f"{flag[0]} is not used with --config" in capsys.readouterr().err
