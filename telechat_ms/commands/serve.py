@@ -17,7 +17,8 @@ def _serve(args: argparse.Namespace) -> int:
         paged = [flag for flag, value in (("--block-size", args.block_size), ("--num-blocks", args.num_blocks),
                                           ("--kv-cache-memory-bytes", args.kv_cache_memory_bytes),
                                           ("--max-num-batched-tokens", args.max_num_batched_tokens),
-                                          ("--no-prefix-caching", args.no_prefix_caching))
+                                          ("--no-prefix-caching", args.no_prefix_caching),
+                                          ("--max-decode-slowdown", args.max_decode_slowdown))
                  if value is not None and value is not False]
         if paged:  # serve --config still runs the static-cache engine (model-parallel stepper)
             raise ConfigError(f"{paged[0]} is not used with --config: the paged kv cache serves MODEL_DIR only")
@@ -36,7 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
                       batch_window_ms=args.batch_window_ms, num_blocks=args.num_blocks,
                       kv_cache_memory_bytes=args.kv_cache_memory_bytes, prefix_caching=not args.no_prefix_caching,
                       **{key: value for key, value in (("block_size", args.block_size),
-                                                       ("max_num_batched_tokens", args.max_num_batched_tokens))
+                                                       ("max_num_batched_tokens", args.max_num_batched_tokens),
+                                                       ("max_decode_slowdown", args.max_decode_slowdown))
                          if value is not None})   # ServeConfig holds their defaults
     return run(cfg) if job is None else run_job(job, cfg)
 
@@ -88,6 +90,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens one step computes at most: every decoding sequence's next token, then chunks of "
                         "prompts (a longer prompt is prefilled over several steps; default 512)")
+    p.add_argument("--max-decode-slowdown", type=float, default=None,
+                   help="while sequences decode, a step takes only the prompt chunk it is measured to afford: at "
+                        "most this many times a step of decodes alone (their inter-token latency beside a long "
+                        "prompt); 0: always the whole --max-num-batched-tokens (default 2)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the kv-cache blocks of identical prompt prefixes")
     p.set_defaults(func=_serve, overrides=[], takes_overrides=True)

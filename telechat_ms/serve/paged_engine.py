@@ -8,11 +8,17 @@ cache + the activations of a bounded step, whatever --max-model-len says.
 
 Each step gets a token budget (`max_num_batched_tokens`): first every decoding sequence's one token, then chunks of
 the prompts being prefilled (running ones first, then newly admitted ones), so a long prompt is prefilled over
-several steps while the others keep decoding. Only sequences with tokens in the step are computed: the decoding
-ones in one call of [rows, 1] (rows: a power of two), each prefill chunk in a call of [1, width] (a power-of-two
-width up to the budget); the context each call gathers is a power-of-two number of blocks of its longest row, so
-a step costs what its live tokens cost. The compiled shapes are those (rows, width, context) combinations; warmup
-compiles the decode rows and chunk widths at the smallest context, longer contexts compile when first met.
+several steps while the others keep decoding. While sequences decode, chunks are also sized by time: each call's
+duration is measured per shape (CallTimings), and a step takes only the prompt tokens whose calls are measured (or
+extrapolated from half the width) to add at most (max_decode_slowdown - 1) x a decode step, so a long prompt slows
+the running streams by at most that factor; with nothing decoding a chunk takes the whole budget.
+
+Only sequences with tokens in the step are computed: the decoding ones in one call of [rows, 1] (rows: a power of
+two), each prefill chunk in a call of [1, width] (a power-of-two width up to the budget); the context each call
+gathers is a power-of-two number of blocks of its longest row, so a step costs what its live tokens cost. Decode
+rows whose contexts differ by SPLIT_CONTEXT x or more run in two calls, so short conversations do not gather a long
+one's context. The compiled shapes are those (rows, width, context) combinations; warmup compiles the decode rows
+and chunk widths at the smallest context, longer contexts compile when first met.
 
 Rotary tables follow the released incremental NTK rule per sequence: a prompt token takes the tables of the
 prompt's length (whichever chunk computes it), a decoded token those of the length it makes, so the greedy tokens
@@ -38,12 +44,15 @@ from telechat_ms.serve.output import OutputBuilder
 from telechat_ms.serve.sampler import SequenceSampler
 from telechat_ms.serve.sequence import Sequence
 
-__all__ = ["PagedEngine", "PagedStepperFactory", "chunk_widths", "context_blocks", "pow2_at_least"]
+__all__ = ["CallTimings", "DEFAULT_DECODE_SLOWDOWN", "PagedEngine", "PagedStepperFactory", "chunk_widths",
+           "context_blocks", "pow2_at_least"]
 
 log = logging.getLogger("telechat_ms.serve")
 
 MIN_PREFILL = 32            # smallest chunk width
 MIN_CONTEXT = 256           # smallest gathered context, in tokens
+SPLIT_CONTEXT = 4           # decode rows whose contexts differ this much (in gathered blocks) run in two calls
+DEFAULT_DECODE_SLOWDOWN = 2.0   # --max-decode-slowdown
 GROUP_WIDTH = 64            # prefill chunks this short, of several sequences, share one call of [rows, 64]
 PagedStepperFactory = Callable[[int, int], object]   # (num_blocks, block_size) -> infer.paged.PagedStepper
 
@@ -66,12 +75,41 @@ def context_blocks(n_blocks: int, block_size: int, max_blocks: int) -> int:
     return min(pow2_at_least(max(n_blocks, -(-MIN_CONTEXT // block_size))), max_blocks)
 
 
+class CallTimings:
+    """Measured seconds of the stepper's calls by shape (rows, width, context blocks): an exponential average per
+    shape, the first call of each left out (it compiles). Decode calls (width 1) also feed one running average,
+    the time a step of decodes alone takes, which bounds what a prefill chunk may add beside them."""
+
+    def __init__(self, alpha: float = 0.3):
+        self.alpha, self.by_shape, self.seen, self._decode = alpha, {}, set(), None
+
+    def record(self, shape: tuple[int, int, int], seconds: float) -> None:
+        if shape not in self.seen:
+            self.seen.add(shape)
+            return
+        old = self.by_shape.get(shape)
+        self.by_shape[shape] = seconds if old is None else old + self.alpha * (seconds - old)
+        if shape[1] == 1:
+            self._decode = seconds if self._decode is None else self._decode + self.alpha * (seconds - self._decode)
+
+    def decode_time(self) -> float | None:
+        return self._decode
+
+    def estimate(self, shape: tuple[int, int, int], half: tuple[int, int, int] | None = None) -> float | None:
+        """The shape's average, else twice its half-width shape's (work grows at most linearly in width)."""
+        if shape in self.by_shape:
+            return self.by_shape[shape]
+        if half is not None and half in self.by_shape:
+            return 2.0 * self.by_shape[half]
+        return None
+
+
 class PagedEngine(Engine):
     """Engine over a paged cache of `num_blocks` blocks (block 0 is the null block) of `block_size` slots."""
 
     def __init__(self, stepper_factory: PagedStepperFactory, tokenizer, vocab_size: int, max_model_len: int, *,
                  num_blocks: int, block_size: int = 16, max_num_batched_tokens: int = 512,
-                 prefix_caching: bool = True, **kwargs):
+                 prefix_caching: bool = True, max_decode_slowdown: float = DEFAULT_DECODE_SLOWDOWN, **kwargs):
         super().__init__(stepper_factory, tokenizer, vocab_size, max_model_len, **kwargs)
         if block_size < 1:
             raise ConfigError(f"--block-size must be >= 1, got {block_size}")
@@ -85,7 +123,12 @@ class PagedEngine(Engine):
         if max_num_batched_tokens < self.batch:
             raise ConfigError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be >= --max-batch-size "
                               f"({self.batch}): every running sequence decodes one token a step")
+        if max_decode_slowdown != 0 and max_decode_slowdown < 1:
+            raise ConfigError(f"--max-decode-slowdown must be 0 (off) or >= 1, got {max_decode_slowdown}")
         self.budget = int(max_num_batched_tokens)
+        self.slowdown = float(max_decode_slowdown)
+        self.timings = CallTimings()
+        self._allowance: float | None = None    # seconds of prefill this step may add to its decodes
         self.widths = chunk_widths(self.budget)
         self.group_width = GROUP_WIDTH if GROUP_WIDTH in self.widths and self.batch > 1 else 0
         self.blocks = BlockManager(num_blocks, self.block_size, prefix_caching)
@@ -146,6 +189,32 @@ class PagedEngine(Engine):
                 break
             n = width // 2
         return n
+
+    def _chunk(self, start: int, n: int) -> int:
+        """A prompt chunk of at most n tokens from `start`: within the chunk area, and while sequences are decoding
+        within this step's time allowance (see _affordable)."""
+        n = self._chunk_len(start, n)
+        if self._allowance is not None and n > MIN_PREFILL:
+            n, cost = self._affordable(start, n, self._allowance)
+            self._allowance = max(self._allowance - cost, 0.0)
+        return n
+
+    def _affordable(self, start: int, n: int, allowance: float) -> tuple[int, float]:
+        """The widest chunk (<= n tokens from `start`) whose measured or extrapolated call time fits `allowance`,
+        and that time. Widths are probed by doubling: a width is estimated only from a measured half width at the
+        same context, so the first chunk at a new context is MIN_PREFILL and the next ones grow while they fit."""
+        bs = self.block_size
+        for k in [n] + [w for w in reversed(self.widths) if MIN_PREFILL < w < n]:
+            if k <= MIN_PREFILL:
+                break
+            width = next(w for w in self.widths if w >= k)
+            ctx = context_blocks(-(-(start + k) // bs), bs, self.max_blocks)
+            cost = self.timings.estimate((1, width, ctx), (1, width // 2, ctx))
+            if cost is not None and cost <= allowance:
+                return k, cost
+        k = min(n, MIN_PREFILL)
+        ctx = context_blocks(-(-(start + k) // bs), bs, self.max_blocks)
+        return k, self.timings.estimate((1, MIN_PREFILL, ctx)) or 0.0
 
     def _reserve(self, seq: Sequence, upto: int) -> int:
         """Give seq blocks for its first `upto` tokens, as many as are free; returns the tokens it can hold."""
@@ -235,12 +304,16 @@ class PagedEngine(Engine):
             if seq.row is not None:
                 decode.append(seq)
         budget -= len(decode)
+        self._allowance = None
+        if decode and self.slowdown:   # decodes wait on this step's prefill: bound what it adds to their latency
+            decode_time = self.timings.decode_time()
+            self._allowance = (self.slowdown - 1.0) * decode_time if decode_time is not None else 0.0
         chunks: list[tuple[Sequence, int]] = []
         for seq in self._live():
             pending = len(self._tokens(seq)) - seq.cached
             if budget <= 0 or pending <= 1:
                 continue
-            n = self._reserve(seq, seq.cached + self._chunk_len(seq.cached, min(pending, budget))) - seq.cached
+            n = self._reserve(seq, seq.cached + self._chunk(seq.cached, min(pending, budget))) - seq.cached
             if n > 0:
                 chunks.append((seq, n))
                 budget -= n
@@ -275,7 +348,7 @@ class PagedEngine(Engine):
                     parent = hash((parent, tuple(tokens[i * bs:(i + 1) * bs]), tags[0]))
                     keys.append(parent)
         hit = self.blocks.lookup(keys)
-        n = self._chunk_len(len(hit) * bs, min(len(tokens) - len(hit) * bs, budget))
+        n = self._chunk(len(hit) * bs, min(len(tokens) - len(hit) * bs, budget))
         if -(-(len(hit) * bs + n) // bs) - len(hit) > self.blocks.num_free:
             self.blocks.release(hit)
             return None
@@ -319,18 +392,34 @@ class PagedEngine(Engine):
             blocks = np.asarray(seq.blocks, np.int64)
             slots[r, width - k:] = blocks[pos // bs] * bs + pos % bs
             tables[r, :len(seq.blocks)] = seq.blocks
-        return self.stepper.step(ids, positions, totals, slots, tables, width - 1)
+        start = time.perf_counter()
+        logits = self.stepper.step(ids, positions, totals, slots, tables, width - 1)
+        self.timings.record((n_rows, width, tables.shape[1]), time.perf_counter() - start)
+        return logits
+
+    def _decode_groups(self, decode: list[Sequence]) -> list[list[Sequence]]:
+        """The decode calls of a step: one, or two when the longest contexts gather at least SPLIT_CONTEXT times
+        the others' (a long conversation beside short ones: the short rows then do not gather the long context)."""
+        if len(decode) < 2:
+            return [decode] if decode else []
+        bs = self.block_size
+        ctx = {id(s): context_blocks(-(-(s.cached + 1) // bs), bs, self.max_blocks) for s in decode}
+        longest = max(ctx.values())
+        shorts = [s for s in decode if ctx[id(s)] < longest]
+        if not shorts or longest < SPLIT_CONTEXT * max(ctx[id(s)] for s in shorts):
+            return [decode]
+        return [shorts, [s for s in decode if ctx[id(s)] == longest]]
 
     def _run(self, decode: list[Sequence], chunks: list[tuple[Sequence, int]]) -> None:
         """Run the step's calls, then advance every sequence whose pending tokens are all in the cache."""
         self._flush()   # the last step's updates go out while this step computes
         results: list[tuple[Sequence, np.ndarray]] = []
-        if decode:
-            n_rows = next(r for r in self.row_buckets() if r >= len(decode))
-            need = max(-(-(s.cached + 1) // self.block_size) for s in decode)
-            logits = self._call([(s, 1) for s in decode], n_rows, 1, need)
-            results += [(s, logits[i]) for i, s in enumerate(decode)]
-            for s in decode:
+        for group in self._decode_groups(decode):
+            n_rows = next(r for r in self.row_buckets() if r >= len(group))
+            need = max(-(-(s.cached + 1) // self.block_size) for s in group)
+            logits = self._call([(s, 1) for s in group], n_rows, 1, need)
+            results += [(s, logits[i]) for i, s in enumerate(group)]
+            for s in group:
                 s.cached += 1
         small = [(s, k) for s, k in chunks if k <= self.group_width] if self.group_width else []
         calls = [[c] for c in chunks if c not in small] if len(small) > 1 else [[c] for c in chunks]

@@ -15,7 +15,7 @@ import numpy as np
 from telechat_ms.errors import ConfigError
 from telechat_ms.infer.gen_config import GenerationConfig
 from telechat_ms.serve.engine import Engine, Scorer, StepperFactory
-from telechat_ms.serve.paged_engine import PagedEngine
+from telechat_ms.serve.paged_engine import DEFAULT_DECODE_SLOWDOWN, PagedEngine
 from telechat_ms.serve.state import ServeState
 
 log = logging.getLogger("telechat_ms.serve")
@@ -45,6 +45,7 @@ class ServeConfig:
     kv_cache_memory_bytes: int | None = None
     max_num_batched_tokens: int = 512   # tokens one step computes at most (decodes + prefill chunks)
     prefix_caching: bool = True
+    max_decode_slowdown: float = DEFAULT_DECODE_SLOWDOWN   # prompt chunks beside decodes: what they can afford
 
 
 def local_stepper_factory(model, use_jit: bool = True) -> StepperFactory:
@@ -129,7 +130,7 @@ def paged_settings(cfg: ServeConfig, model_config, max_model_len: int) -> dict:
     num_blocks = plan_num_blocks(model_config, max_model_len, cfg.max_batch_size, cfg.block_size, cfg.num_blocks,
                                  cfg.kv_cache_memory_bytes)
     return dict(num_blocks=num_blocks, block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                prefix_caching=cfg.prefix_caching)
+                prefix_caching=cfg.prefix_caching, max_decode_slowdown=cfg.max_decode_slowdown)
 
 
 def _bind(host: str, port: int) -> socket.socket:
