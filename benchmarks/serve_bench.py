@@ -11,7 +11,14 @@ rounds, and the two targets:
     8 clients >= 3x the aggregate throughput of 1 client
     8 clients >= 0.8x offline batched generate
 
+Other scenarios (--only): memory (peak RSS / time to healthy at --max-model-len 256 vs 32768), long (a 6000-token
+prompt beside 4 short streams, prefix-cache TTFT, ITL at 8192 vs 512), and with --vllm-python PATH (a virtualenv
+with vLLM's CPU build, ../shared/PLATFORM_NOTES.md) vllm: vLLM serving the `convert ms2hf` export of the same
+checkpoint, the same load alternately with ours at --max-model-len 256 and 8192, tokens checked identical, ratios
+printed (benchmarks/vllm_compare.py starts vLLM's processes).
+
     python benchmarks/serve_bench.py [--hidden 256 --layers 4 --prompt 48 --new 64 --rounds 3]
+    python benchmarks/serve_bench.py --only vllm --vllm-python /path/to/vllm-venv/bin/python
 """
 from __future__ import annotations
 
@@ -123,6 +130,7 @@ async def _one(client, url: str, prompt: list[int], new: int, bias: dict[str, fl
             "stream_options": {"include_usage": True}, "logit_bias": bias}
     if ids:   # the answer's token ids (whole answer, one request)
         body.update(stream=False, return_tokens_as_token_ids=True, logprobs=0)
+        del body["stream_options"]    # vLLM answers 400 to stream_options without stream
         resp = await client.post(url + "/v1/completions", json=body)
         resp.raise_for_status()
         toks = resp.json()["choices"][0]["logprobs"]["tokens"]

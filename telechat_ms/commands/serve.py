@@ -77,9 +77,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="threads of MindSpore's CPU kernels (default: MindSpore's); on a small CPU machine leave a "
                         "core for the HTTP side")
-    p.add_argument("--batch-window-ms", type=float, default=10.0,
+    p.add_argument("--batch-window-ms", type=float, default=0.0,
                    help="an idle engine woken by a request waits up to this long for more, to prefill a burst in "
-                        "one step (every step computes all rows); 0 admits at once (default 10)")
+                        "one step; 0 admits at once (default 0: a request arriving during a step joins the next "
+                        "one as a prompt chunk, so waiting only adds to the first token's latency)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per kv-cache block (default 16)")
     p.add_argument("--num-blocks", type=int, default=None,
                    help="kv-cache blocks (as vLLM's --num-gpu-blocks-override; default: what "

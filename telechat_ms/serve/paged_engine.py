@@ -191,10 +191,11 @@ class PagedEngine(Engine):
         return n
 
     def _chunk(self, start: int, n: int) -> int:
-        """A prompt chunk of at most n tokens from `start`: within the chunk area, and while sequences are decoding
-        within this step's time allowance (see _affordable)."""
+        """A prompt chunk of at most n tokens from `start`: within the chunk area, and, while sequences are decoding
+        and more than GROUP_WIDTH tokens are left, within this step's time allowance (see _affordable); a short
+        prompt is not split (its whole prefill is bounded and the first token comes a step sooner)."""
         n = self._chunk_len(start, n)
-        if self._allowance is not None and n > MIN_PREFILL:
+        if self._allowance is not None and n > max(MIN_PREFILL, GROUP_WIDTH):
             n, cost = self._affordable(start, n, self._allowance)
             self._allowance = max(self._allowance - cost, 0.0)
         return n

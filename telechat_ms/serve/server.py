@@ -38,7 +38,7 @@ class ServeConfig:
     warmup: bool = True
     device_target: str | None = None
     cpu_threads: int | None = None      # CPU kernel threads (MindSpore's default: 25)
-    batch_window_ms: float = 10.0       # an idle engine waits this long for more requests to prefill together
+    batch_window_ms: float = 0.0        # an idle engine waits this long for more requests to prefill together
     # the paged kv cache (serve MODEL_DIR): block size, and its size as a block count or a memory budget
     block_size: int = 16
     num_blocks: int | None = None
