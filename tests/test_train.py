@@ -195,6 +195,32 @@ def test_lora_trains_only_adapters_and_merges(demo_data, tmp_path, pynative_afte
     assert main(["convert", "hf2ms", str(tmp_path / "merged"), str(tmp_path / "merged_ms"), "--quiet"]) == 0
 
 
+def test_lora_dropout_is_active_in_training(demo_data, tmp_path, pynative_after):
+    """The trainer runs the step graphs in training mode: LoRA's dropout changes the updates (the first loss is the
+    same, lora_b starts at 0), and the held-out forward runs without it (two evaluations agree)."""
+    from telechat_ms.reference.random_checkpoint import tiny_config, write_random_hf_checkpoint
+    from telechat_ms.train.evaluate import heldout_loss
+    from telechat_ms.train.trainer import build_model, train
+
+    base = str(tmp_path / "base")
+    write_random_hf_checkpoint(base, tiny_config(vocab_size=demo_data["vocab_size"]), seed=5)
+    runs = {}
+    for dropout in (0.0, 0.5):
+        job = job_from_dict(tiny_job(demo_data["data"], str(tmp_path / f"run{dropout}"), demo_data["vocab_size"],
+                                     load_checkpoint=base, model={"model_config": {}, "lora": {
+                                         "rank": 4, "alpha": 8.0, "dropout": dropout, "target_modules": ["wq", "w2"]}},
+                                     runner_config={"batch_size": 4, "max_steps": 3},
+                                     lr_schedule={"type": "constant", "learning_rate": 1e-2, "warmup_steps": 0}))
+        runs[dropout] = train(job).losses
+    assert runs[0.0][0] == runs[0.5][0]
+    assert abs(runs[0.0][2] - runs[0.5][2]) > 1e-5, runs
+    model, _ = build_model(job)
+    model.set_train(True)
+    first, second = (heldout_loss(model, demo_data["data"], 4, max_steps=1)["loss"] for _ in range(2))
+    assert first == second
+    assert model.training  # the evaluation hands the model back in training mode
+
+
 def test_dynamic_loss_scale_skips_overflowing_steps(demo_data, tmp_path):
     """An absurd initial loss scale overflows: those steps are skipped (no update), the scale drops, and
     training carries on with finite losses, as fp16 training on Ascend needs."""

@@ -141,12 +141,17 @@ class HeldoutEvaluator:
         """(NLL sum, target count) of this rank's rows of the evaluated batches, before any reduction."""
         from mindspore import Tensor
         nll, count = 0.0, 0.0
-        for step in range(self.steps(max_steps)):
-            batch = self._batch(step)
-            cos, sin, mask = self.positions(batch)
-            s, n = self.cell(Tensor(batch["input_ids"]), Tensor(batch["labels"]), cos, sin, mask)
-            nll += float(s.asnumpy())
-            count += float(n.asnumpy())
+        training = self.model.training
+        self.cell.set_train(False)  # no dropout in the held-out forward; the training graphs keep theirs
+        try:
+            for step in range(self.steps(max_steps)):
+                batch = self._batch(step)
+                cos, sin, mask = self.positions(batch)
+                s, n = self.cell(Tensor(batch["input_ids"]), Tensor(batch["labels"]), cos, sin, mask)
+                nll += float(s.asnumpy())
+                count += float(n.asnumpy())
+        finally:
+            self.model.set_train(training)
         return nll, count
 
     def __call__(self, max_steps: int | None = None) -> dict:

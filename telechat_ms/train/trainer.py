@@ -138,6 +138,7 @@ def train(job: JobConfig) -> TrainResult:
                           f"{job.train_dataset.data_dir} hold {loader.seq_length} tokens (set 0 to use the data's)")
     total_steps = runner.max_steps if runner.max_steps > 0 else loader.batches_per_epoch * runner.epochs
     model, trainable = build_model(job)
+    model.set_train(True)  # training mode in the step graphs: LoRA's dropout is active (the eval forward turns it off)
     optimizer = build_optimizer(job.optimizer, job.lr_schedule.learning_rate, trainable)
     layout = input_layout("position_ids" in loader.column_names, model.config.use_flash_attention, sharded)
     jit_config = run.jit_config() if run.device_target != "CPU" else None
