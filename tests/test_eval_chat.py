@@ -1,6 +1,7 @@
 """`eval --prompt-style chat` on a tiny checkpoint: the multiple-choice questions go through the chat template (the
 shots as earlier turns), the answer is generated greedily (equal to model.generate's greedy tokens) and pred is the
-first A-D letter standing alone in it."""
+first A-D letter standing alone in it (the random checkpoint's answers name no letter: the letter path is checked on
+crafted generations)."""
 from __future__ import annotations
 
 import csv
@@ -14,6 +15,7 @@ from telechat_ms.cli import main
 from telechat_ms.eval.tasks.exams import LETTERS, descriptions, extract_letter
 
 DATA = Path(__file__).parent / "eval_data"
+GEN = 16
 
 
 @pytest.mark.parametrize("text, letter", [("B", "B"), (" C. 64", "C"), ("答案：D。", "D"), ("Answer: A", "A"),
@@ -21,6 +23,15 @@ DATA = Path(__file__).parent / "eval_data"
                                           ("ABCD", None), ("选C", "C")])
 def test_extract_letter(text, letter):
     assert extract_letter(text) == letter
+
+
+def test_score_letter_on_crafted_generations():
+    from telechat_ms.eval.tasks.base import Sample
+    from telechat_ms.eval.tasks.exams import score_letter
+    s = Sample("ceval", 0, "logic", "p", 2, choices=list(LETTERS))
+    assert score_letter(s, {"generation": "答案是 C。"}) == {"extracted": "C", "pred": 2, "correct": True}
+    assert score_letter(s, {"generation": "B. 32"}) == {"extracted": "B", "pred": 1, "correct": False}
+    assert score_letter(s, {"generation": "I do not know"}) == {"extracted": None, "pred": None, "correct": False}
 
 
 def _question(row: dict, cue: str) -> str:
@@ -56,14 +67,15 @@ def test_chat_prompt_style_generates_the_letter(tmp_path, capsys):
     tok.save_pretrained(model_dir)
     out = tmp_path / "out"
     rc = main(["eval", model_dir, "--data-dir", str(DATA), "--tasks", "ceval", "--prompt-style", "chat",
-               "--num-fewshot", "1", "--batch-size", "3", "--log-samples", "--output", str(out), "--no-progress"])
+               "--num-fewshot", "1", "--batch-size", "4", "--log-samples", "--max-gen-toks", str(GEN), "--output",
+               str(out), "--no-progress"])
     assert rc == 0
     recs = [json.loads(x) for x in (out / "samples_ceval.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in recs] == _expected_prompts()
     model, tok = TeleChatForCausalLM.from_pretrained(model_dir), TeleChatTokenizer.from_pretrained(model_dir)
-    for r in recs:
-        greedy = model.generate([tok.encode(r["prompt"])], max_new_tokens=32, use_jit=False).new_tokens[0]
-        assert r["generation"] == tok.decode(greedy, skip_special_tokens=True)
+    greedy = model.generate([tok.encode(r["prompt"]) for r in recs], max_new_tokens=GEN, use_jit=False).new_tokens
+    for r, new in zip(recs, greedy):
+        assert r["generation"] == tok.decode(new, skip_special_tokens=True)
         assert r["extracted"] == extract_letter(r["generation"])
         assert r["pred"] == (None if r["extracted"] is None else LETTERS.index(r["extracted"]))
         assert r["correct"] == (r["pred"] == r["target"]) and r["loglikelihoods"] is None
@@ -71,7 +83,6 @@ def test_chat_prompt_style_generates_the_letter(tmp_path, capsys):
     row = next(x for x in res["results"] if x["task"] == "ceval" and x["subject"] == "")
     assert row["value"] == pytest.approx(sum(r["correct"] for r in recs) / len(recs)) and row["n"] == len(recs)
     assert res["config"]["prompt_style"] == "chat"
-    print([r["generation"] for r in recs])
     rc = main(["eval", model_dir, "--data-dir", str(DATA), "--tasks", "gsm8k", "--prompt-style", "chat",
                "--output", str(out)])
     assert rc == 2 and "--prompt-style chat applies to the multiple-choice tasks" in capsys.readouterr().err
