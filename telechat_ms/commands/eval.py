@@ -30,9 +30,9 @@ def _eval(args: argparse.Namespace) -> int:
                       (args.max_model_len, "--max-model-len", "model.model_config.seq_length")])
         job = load_predict_job(args.config, args.overrides)
         if job.parallel.parallel_mode == "data_parallel":
-            raise ConfigError(f"{job.source}: parallel.parallel_mode data_parallel: data-parallel eval replicas are "
-                              "not built yet; run one stand_alone eval per device with --limit ranges, or model "
-                              "parallel")
+            raise ConfigError(f"{job.source}: parallel.parallel_mode data_parallel: data-parallel eval replicas run "
+                              "from a model directory: run_scripts/msrun_eval.sh WORKERS MODEL_DIR --tasks ... "
+                              "(telechat-ms eval MODEL_DIR --data-parallel under msrun)")
         if job.model_parallel:
             return _eval_model_parallel(job, opts, args)
         model_dir, max_len, batch = job.load_checkpoint, job.model_config.seq_length, job.batch_size
