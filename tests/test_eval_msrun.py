@@ -27,7 +27,7 @@ TASKS = ("ceval", "mmlu", "gsm8k")
 ARGS = ["--data-dir", str(DATA), "--tasks", ",".join(TASKS), "--num-fewshot", "1", "--log-samples",
         "--max-gen-toks", "5", "--no-progress"]
 MSRUN = os.path.join(os.path.dirname(sys.executable), "msrun")
-pytestmark = pytest.mark.skipif(not os.path.exists(MSRUN), reason="msrun is not installed next to this python")
+needs_msrun = pytest.mark.skipif(not os.path.exists(MSRUN), reason="msrun is not installed next to this python")
 
 
 def _free_port() -> int:
@@ -76,6 +76,7 @@ def _run(cmd: list[str], tmp: Path, env: dict[str, str]) -> subprocess.Completed
     return proc
 
 
+@needs_msrun
 def test_data_parallel_replicas_write_the_single_process_report(single, tiny_predict_dir, tmp_path):  # noqa: F811
     env = {**_env(tmp_path), "PYTHON": sys.executable, "DEVICE_TARGET": "CPU", "MASTER_PORT": str(_free_port()),
            "LOG_DIR": str(tmp_path / "logs"), "CLUSTER_TIME_OUT": "200"}
@@ -90,6 +91,7 @@ def test_data_parallel_replicas_write_the_single_process_report(single, tiny_pre
     assert "| ceval | acc |" in proc.stdout
 
 
+@needs_msrun
 def test_model_parallel_eval_launch_equals_the_single_process_report(single, tiny_predict_dir, tmp_path):  # noqa: F811
     traces = tmp_path / "traces"
     traces.mkdir()
@@ -107,3 +109,26 @@ def test_model_parallel_eval_launch_equals_the_single_process_report(single, tin
     for key in rank0.files:
         np.testing.assert_array_equal(rank1[key], rank0[key], err_msg=key)
     _same_report(single, tmp_path / "mp", 1e-5)
+
+
+def test_launchers_build_the_eval_msrun_commands():
+    """DRY_RUN=1: the commands the two launch forms run (Ascend defaults)."""
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable}
+    dp = subprocess.run(["bash", os.path.join(REPO, "run_scripts", "msrun_eval.sh"), "4", "/data/7b", "--tasks",
+                         "ceval"], capture_output=True, text=True, env=env, timeout=120)
+    assert dp.returncode == 0, dp.stderr
+    for part in ("msrun", "--worker_num=4", "--local_worker_num=4", "--tail_worker_log=0",
+                 "eval /data/7b --data-parallel --device-target Ascend --tasks ceval"):
+        assert part in dp.stdout, dp.stdout
+    bad = subprocess.run(["bash", os.path.join(REPO, "run_scripts", "msrun_eval.sh"), "x", "/data/7b"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "not a positive integer" in bad.stderr
+    y115 = os.path.join(REPO, "yaml_configs", "115b", "predict_telechat2_115b.yaml")
+    mp = subprocess.run(["bash", os.path.join(REPO, "run_scripts", "msrun_predict.sh"), y115, "eval", "--tasks",
+                         "mmlu", "--data-dir", "/data/bench", "--load_checkpoint=/data/115b"],
+                        capture_output=True, text=True, env=env, timeout=120)
+    assert mp.returncode == 0, mp.stderr
+    cmd = mp.stdout.strip().splitlines()[-1]
+    for part in ("--worker_num=8", f"eval --config {y115} --tasks mmlu --data-dir /data/bench",
+                 "--load_checkpoint=/data/115b"):
+        assert part in cmd, cmd
