@@ -116,7 +116,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--prompt-style", default="loglikelihood", choices=["loglikelihood", "chat"],
                    help="multiple choice (C-Eval/MMLU/CMMLU): log-likelihood of each choice (default, lm-eval's), or "
                    "chat: the question through the chat template, the answer letter generated greedily")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward and engine rows (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward and engine rows (default 8; after a "
+                   "subject's shared exemplars, as many rows as hold the same tokens, at most 8x)")
     p.add_argument("--output", default="eval_out", help="output directory (default ./eval_out)")
     p.add_argument("--log-samples", action="store_true", help="write OUT/samples_TASK.jsonl, one line per sample")
     p.add_argument("--resume", action="store_true", help="keep the samples OUT/progress/ already holds")
