@@ -132,3 +132,11 @@ def test_launchers_build_the_eval_msrun_commands():
     for part in ("--worker_num=8", f"eval --config {y115} --tasks mmlu --data-dir /data/bench",
                  "--load_checkpoint=/data/115b"):
         assert part in cmd, cmd
+
+
+def test_data_parallel_outside_msrun_is_a_named_error(tiny_predict_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from telechat_ms.cli import main
+    monkeypatch.delenv("MS_ROLE", raising=False)
+    monkeypatch.delenv("RANK_TABLE_FILE", raising=False)
+    assert main(["eval", tiny_predict_dir, "--data-parallel", "--output", str(tmp_path), *ARGS]) == 2
+    assert "run_scripts/msrun_eval.sh WORKERS MODEL_DIR" in capsys.readouterr().err

@@ -5,13 +5,19 @@ writes the one report a single process writes."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import numpy as np
 
+from telechat_ms.errors import ConfigError
+
 
 def init_replicas() -> tuple[int, int]:
     """(rank, world) after initialising MindSpore communication (call it after the device is set)."""
+    if not (os.environ.get("MS_ROLE") or os.environ.get("RANK_TABLE_FILE")):     # msrun / a rank-table launch
+        raise ConfigError("--data-parallel runs under msrun, one replica per worker: "
+                          "run_scripts/msrun_eval.sh WORKERS MODEL_DIR --tasks ... (without it, drop the flag)")
     from mindspore.communication import get_group_size, get_rank, init
     init()
     return get_rank(), get_group_size()
