@@ -19,18 +19,20 @@ def _eval(args: argparse.Namespace) -> int:
                        limit=args.limit, log_samples=args.log_samples, resume=args.resume,
                        allow_code_execution=args.allow_code_execution, code_timeout=args.code_timeout,
                        code_memory_mb=args.code_memory_mb, progress=not args.no_progress,
-                       max_gen_toks=args.max_gen_toks)
+                       max_gen_toks=args.max_gen_toks, prompt_style=args.prompt_style)
     from telechat_ms.eval.runner import check_tasks
     check_tasks(names, opts)
     if args.config:
         from telechat_ms.parallel.predict_job import load_predict_job, reject_flags
         reject_flags([(args.model_dir, "MODEL_DIR", "load_checkpoint"),
+                      (args.data_parallel, "--data-parallel", "parallel.parallel_mode"),
+                      (args.device_target, "--device-target", "context.device_target"),
                       (args.max_model_len, "--max-model-len", "model.model_config.seq_length")])
         job = load_predict_job(args.config, args.overrides)
         if job.parallel.parallel_mode == "data_parallel":
-            raise ConfigError(f"{job.source}: parallel.parallel_mode data_parallel: data-parallel eval replicas are "
-                              "not built yet; run one stand_alone eval per device with --limit ranges, or model "
-                              "parallel")
+            raise ConfigError(f"{job.source}: parallel.parallel_mode data_parallel: data-parallel eval replicas run "
+                              "from a model directory: run_scripts/msrun_eval.sh WORKERS MODEL_DIR --tasks ... "
+                              "(telechat-ms eval MODEL_DIR --data-parallel under msrun)")
         if job.model_parallel:
             return _eval_model_parallel(job, opts, args)
         model_dir, max_len, batch = job.load_checkpoint, job.model_config.seq_length, job.batch_size
@@ -41,13 +43,20 @@ def _eval(args: argparse.Namespace) -> int:
             raise ConfigError("give MODEL_DIR or --config PREDICT.yaml")
         model_dir, max_len, batch = args.model_dir, args.max_model_len, args.batch_size
     from telechat_ms.serve.server import set_runtime
-    set_runtime(None, args.cpu_threads)
+    set_runtime(args.device_target, args.cpu_threads)
+    if args.data_parallel:             # communication after the device: on Ascend it binds each worker to its own
+        from telechat_ms.eval.dp import gather_records, init_replicas
+        opts.rank, opts.world = init_replicas()
+        opts.gather = lambda records: gather_records(records, opts.world)
+        check_tasks(names, opts)
     from telechat_ms.eval.model import load_eval_model
     em = load_eval_model(model_dir, args.tokenizer, batch, max_len, use_jit=args.jit, size=args.size)
     try:
         payload = run_eval(em, opts, batch)
     finally:
         em.close()
+    if opts.rank != 0:                 # a data-parallel replica: rank 0 prints and writes the report
+        return 0
     md = payload["files"][-1]
     with open(md, encoding="utf-8") as fh:
         print(fh.read(), end="")
@@ -104,7 +113,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--limit", type=int, default=None, help="the first N samples of each task (perplexity: N batches)")
     p.add_argument("--max-gen-toks", type=int, default=None, help="cap on generated tokens per sample (default: the "
                    "task's: 256 GSM8K, 1024 BBH/HumanEval/MT-bench, 512 MBPP, 1280 IFEval)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward and engine rows (default 8)")
+    p.add_argument("--prompt-style", default="loglikelihood", choices=["loglikelihood", "chat"],
+                   help="multiple choice (C-Eval/MMLU/CMMLU): log-likelihood of each choice (default, lm-eval's), or "
+                   "chat: the question through the chat template, the answer letter generated greedily")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward and engine rows (default 8; after a "
+                   "subject's shared exemplars, as many rows as hold the same tokens, at most 8x)")
     p.add_argument("--output", default="eval_out", help="output directory (default ./eval_out)")
     p.add_argument("--log-samples", action="store_true", help="write OUT/samples_TASK.jsonl, one line per sample")
     p.add_argument("--resume", action="store_true", help="keep the samples OUT/progress/ already holds")
@@ -118,6 +131,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="whose published scores to show (default: from the model's shape)")
     p.add_argument("--jit", action="store_true", help="compile the engine's steps (graph mode) for generation")
     p.add_argument("--cpu-threads", type=int, default=None, help="CPU kernel threads")
+    p.add_argument("--data-parallel", action="store_true", help="under msrun (run_scripts/msrun_eval.sh): every "
+                   "worker a full replica scoring samples doc_id %% workers == rank; rank 0 gathers the records "
+                   "and writes the one report a single process writes")
+    p.add_argument("--device-target", default=None, choices=["Ascend", "CPU", "GPU"],
+                   help="MindSpore device (default: MindSpore's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval, takes_overrides=True, overrides=[])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import ConfigError
+from telechat_ms.eval.prefix import LocalPrefixForward
 from telechat_ms.eval.runner import EvalModel
 from telechat_ms.eval.scoring import LoglikelihoodScorer, local_forward, stepper_forward
 
@@ -38,7 +39,8 @@ def eval_model(model, tokenizer, name: str, batch_size: int = 8, max_model_len: 
     max_len = int(max_model_len or model.config.seq_length)
     gen = GenerationConfig.from_pretrained(getattr(model, "name_or_path", None))
     scorer = LoglikelihoodScorer(local_forward(model), max_len, batch_size, share_context=share_context,
-                                 pad_id=model.config.pad_token_id)
+                                 pad_id=model.config.pad_token_id,
+                                 prefix=LocalPrefixForward(model) if share_context else None)
     return EvalModel(name, tokenizer, scorer, lambda: engine_for(model, tokenizer, max_len, batch_size, use_jit),
                      tuple(sorted(gen.stop_ids)), model=model, size=size or released_size(model.config))
 

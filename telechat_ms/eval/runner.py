@@ -15,7 +15,7 @@ from telechat_ms.eval import report
 from telechat_ms.eval.generation import GenRequest, generate_greedy
 from telechat_ms.eval.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT, run_programs
 from telechat_ms.eval.scoring import LoglikelihoodScorer, encode_pair
-from telechat_ms.eval.tasks import PERPLEXITY, TASKS, Metric, Sample, resolve
+from telechat_ms.eval.tasks import CHAT_TASKS, PERPLEXITY, TASKS, Metric, Sample, resolve
 from telechat_ms.eval.tasks import code as code_task
 from telechat_ms.eval.tasks.judged import chat_prompt
 from telechat_ms.io import atomic_write_text
@@ -69,6 +69,8 @@ class EvalOptions:
     chunk: int = 64                     # samples per persisted step
     rank: int = 0                       # data-parallel replicas: this one scores doc_id % world == rank
     world: int = 1
+    prompt_style: str = "loglikelihood"  # multiple choice: "loglikelihood" of each choice, or "chat" (a letter)
+    gather: Callable[[list], list] | None = None   # world > 1: every replica's records (eval/dp.gather_records)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -163,8 +165,28 @@ def _run_chunk(em: EvalModel, spec, samples: list[Sample], opts: EvalOptions) ->
     return records
 
 
+PROMPT_STYLES = ("loglikelihood", "chat")
+
+
+def spec_for(name: str, opts: EvalOptions):
+    """The TaskSpec that scores `name` under these options (--prompt-style chat: the exams' generated letter)."""
+    if opts.prompt_style == "chat" and name in CHAT_TASKS:
+        return CHAT_TASKS[name]
+    return TASKS[name]
+
+
 def check_tasks(names: list[str], opts: EvalOptions) -> None:
     """Refuse up front what a task cannot do with these flags (before any model work)."""
+    if opts.world > 1 and PERPLEXITY in names:
+        raise ConfigError("--tasks perplexity under data-parallel replicas: run it in one process (its batches are "
+                          "not split across replicas)")
+    if opts.world > 1 and opts.gather is None:
+        raise ConfigError("data-parallel replicas need a gather of the records (eval/dp.gather_records)")
+    if opts.prompt_style not in PROMPT_STYLES:
+        raise ConfigError(f"--prompt-style must be one of {', '.join(PROMPT_STYLES)}, got {opts.prompt_style!r}")
+    if opts.prompt_style == "chat" and not any(n in CHAT_TASKS for n in names):
+        raise ConfigError(f"--prompt-style chat applies to the multiple-choice tasks ({', '.join(CHAT_TASKS)}); "
+                          f"--tasks has none of them")
     for name in names:
         if name != PERPLEXITY and TASKS[name].kind == "code" and not opts.allow_code_execution:
             raise ConfigError(f"--tasks {name} runs the programs the model writes: add --allow-code-execution (each "
@@ -180,7 +202,7 @@ def check_tasks(names: list[str], opts: EvalOptions) -> None:
 
 def run_task(em: EvalModel, name: str, opts: EvalOptions) -> tuple[list[Metric], list[dict[str, Any]]]:
     """Score one task (resuming from its progress file when asked); its metrics and its records in doc order."""
-    spec = TASKS[name]
+    spec = spec_for(name, opts)
     k = spec.default_fewshot if opts.num_fewshot is None else opts.num_fewshot
     samples = spec.load(opts.data_dir, k)
     if opts.limit is not None:
@@ -206,6 +228,9 @@ def run_task(em: EvalModel, name: str, opts: EvalOptions) -> tuple[list[Metric],
     finally:
         bar.close()
     records = [done[s.doc_id] for s in mine]
+    if opts.world > 1:                 # data-parallel replicas: every one aggregates all samples in doc order
+        by_id = {r["doc_id"]: r for r in opts.gather(records)}
+        mine, records = samples, [by_id[s.doc_id] for s in samples]
     return spec.aggregate(mine, records), records
 
 
@@ -253,7 +278,7 @@ def _judge_answers(opts: EvalOptions, em: EvalModel, name: str, records: list[di
 
 def run_eval(em: EvalModel, opts: EvalOptions, batch_size: int = 8) -> dict[str, Any]:
     """Every task of opts; writes OUT/results.{json,md} (+ samples_TASK.jsonl, judge answer files); returns the
-    JSON payload."""
+    JSON payload. Data-parallel replicas (opts.world > 1) each score their share; rank 0 writes."""
     names = resolve(opts.tasks)
     check_tasks(names, opts)
     metrics: list[Metric] = []
@@ -263,15 +288,19 @@ def run_eval(em: EvalModel, opts: EvalOptions, batch_size: int = 8) -> dict[str,
             metrics += run_perplexity(em, opts, batch_size)
             continue
         task_metrics, records = run_task(em, name, opts)
-        if TASKS[name].kind != "multiple_choice":
+        if spec_for(name, opts).kind != "multiple_choice":
             em.close()        # the engine thread ends before the next task steps the model from this thread
         metrics += task_metrics
-        files += _write_side_files(opts, em, name, records)
+        if opts.rank == 0:
+            files += _write_side_files(opts, em, name, records)
     primary = {n: (TASKS[n].published, TASKS[n].primary) for n in names if n in TASKS}
     rows = report.rows_with_published(metrics, primary, em.size)
     payload = {"model": em.name, "size": em.size, "results": rows,
                "config": {"tasks": names, "num_fewshot": opts.num_fewshot, "limit": opts.limit,
+                          "prompt_style": opts.prompt_style,
                           "batch_size": batch_size, "data_dir": opts.data_dir}, "files": files}
+    if opts.rank != 0:                 # rank 0 writes the one report
+        return payload
     json_path, md_path = report.write_results(opts.output, payload, report.markdown(rows, em.name, em.size))
     payload["files"] = files + [json_path, md_path]
     return payload

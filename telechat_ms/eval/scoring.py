@@ -9,12 +9,14 @@ Batching: rows of similar length are stacked (right-padded: causal attention kee
 token), each row with the rotary tables of its own length (TeleChat2's NTK rule depends on the sequence length, so
 a padded row must not take the tables of the batch width). Requests whose continuation is one token and whose
 contexts are equal (the choices " A".." D" of one question) share one row: the context is computed once and every
-choice's log-prob is read at its last position.
+choice's log-prob is read at its last position. Rows that start with one long prefix (a subject's few-shot
+exemplars) compute it once when the scorer has a `prefix` forward (eval/prefix.py) and run only their own tokens.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import numpy as np
 
@@ -76,38 +78,131 @@ def plan_rows(requests: Sequence[tuple[list[int], list[int]]], max_len: int, sha
     return rows
 
 
+class PrefixForward(Protocol):
+    """A shared context computed once (eval/prefix.py): `key(total)` equal for rows that may share a prefix,
+    `prefix(ids, total)` its state, `suffix(state, ids, positions, gather, lengths)` a BatchForward of the rows'
+    tokens after it (positions relative to the suffix start)."""
+
+    def key(self, total_len: int) -> Hashable: ...
+
+    def prefix(self, ids: list[int], total_len: int) -> Any: ...
+
+    def suffix(self, state: Any, ids: np.ndarray, positions: np.ndarray, gather: np.ndarray,
+               lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _first_read(row: _Row) -> int:
+    return min(row.gather)
+
+
+def _best_split(lcp: list[int], lo: int, hi: int, min_prefix: int) -> list[tuple[int, int, int]]:
+    """Groups (start, end, prefix) of the sorted rows lo..hi (lcp[i]: tokens rows i and i + 1 may share) that save
+    the most tokens: a group of m rows with prefix p saves (m - 1) p - min_prefix (its extra forward); each range
+    either stays one group (prefix = its least lcp) or splits where that least lcp is. Iterative (no recursion
+    limit on long tasks)."""
+    best: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]] = {}
+    stack = [(lo, hi, False)]
+    while stack:
+        a, b, ready = stack.pop()
+        if b - a < 2:
+            best[(a, b)] = (0, [])
+            continue
+        cut = min(range(a, b - 1), key=lambda i: lcp[i])
+        if not ready:
+            stack += [(a, b, True), (a, cut + 1, False), (cut + 1, b, False)]
+            continue
+        p = lcp[cut]
+        whole = (b - a - 1) * p - min_prefix if p >= min_prefix else 0
+        left, right = best.pop((a, cut + 1)), best.pop((cut + 1, b))
+        split = left[0] + right[0]
+        best[(a, b)] = (whole, [(a, b, p)]) if whole > split else (split, left[1] + right[1])
+    return best[(lo, hi)][1]
+
+
+def group_prefixes(rows: list[_Row], key: Callable[[int], Hashable], min_prefix: int
+                   ) -> tuple[list[tuple[int, list[_Row]]], list[_Row]]:
+    """Rows that start with one long common prefix, as (prefix length, rows) groups, and the rest. Rows sorted by
+    (tables key, ids) sit next to the rows they share most with; runs sharing >= min_prefix tokens are split into
+    the groups that save the most tokens (an outlier does not shorten a subject's shared exemplars). Rows of other
+    tables keys never share; a prefix ends before every cell a row reads (those are computed with the row)."""
+    order = sorted(rows, key=lambda r: (key(len(r.ids)), r.ids))
+    keys = [key(len(r.ids)) for r in order]
+    lcp = [min(_common(order[i].ids, order[i + 1].ids), _first_read(order[i]), _first_read(order[i + 1]))
+           if keys[i] == keys[i + 1] else 0 for i in range(len(order) - 1)]
+    groups: list[tuple[int, list[_Row]]] = []
+    start = 0
+    for end in range(1, len(order) + 1):          # runs cut where nothing worth sharing is shared
+        if end == len(order) or lcp[end - 1] < min_prefix:
+            groups += [(p, order[a:b]) for a, b, p in _best_split(lcp, start, end, min_prefix)]
+            start = end
+    grouped = {id(r) for _, m in groups for r in m}
+    return groups, [r for r in order if id(r) not in grouped]
+
+
 @dataclass
 class LoglikelihoodScorer:
-    """loglikelihood requests -> (sum of log-probs, is_greedy), in batches of `batch_size` rows."""
+    """loglikelihood requests -> (sum of log-probs, is_greedy), in batches of `batch_size` rows. With `prefix`,
+    rows that start with a long common prefix (>= min_prefix tokens: a subject's few-shot exemplars) compute it
+    once and run only their own tokens against it, more rows a forward (`suffix_rows`)."""
 
     forward: BatchForward
     max_len: int
     batch_size: int = 8
     share_context: bool = True
     pad_id: int = 3
+    prefix: PrefixForward | None = None
+    min_prefix: int = 32
     forwards: int = 0              # rows run so far (benchmarks report it)
 
     def score(self, requests: Sequence[tuple[list[int], list[int]]],
               progress: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
         rows = plan_rows(requests, self.max_len, self.share_context)
-        order = sorted(range(len(rows)), key=lambda r: -len(rows[r].ids))       # similar lengths together
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        for start in range(0, len(order), self.batch_size):
-            batch = [rows[r] for r in order[start:start + self.batch_size]]
-            width = max(len(r.ids) for r in batch)
+        groups: list[tuple[int, list[_Row]]] = []
+        if self.prefix is not None and self.share_context:
+            groups, rows = group_prefixes(rows, self.prefix.key, self.min_prefix)
+        for p, members in groups:
+            state = self.prefix.prefix(members[0].ids[:p], len(members[0].ids))
+            fwd = functools.partial(self.prefix.suffix, state)
+            self._run(fwd, sorted(members, key=lambda r: -len(r.ids)), p, out, progress,
+                      self.suffix_rows(max(len(r.ids) for r in members), p))
+        self._run(self.forward, sorted(rows, key=lambda r: -len(r.ids)), 0, out, progress,  # similar lengths together
+                  self.batch_size)
+        return out  # type: ignore[return-value]
+
+    def suffix_rows(self, longest: int, prefix_len: int) -> int:
+        """Rows a forward after a shared prefix: as many as hold the tokens of batch_size whole rows (the memory
+        --batch-size bounds: activations and attention scores grow with rows x suffix tokens), at most 8x."""
+        room = self.batch_size * longest // max(1, longest - prefix_len)
+        return max(self.batch_size, min(room, 8 * self.batch_size))
+
+    def _run(self, forward: BatchForward, rows: list[_Row], skip: int, out: list, progress, batch_rows: int
+             ) -> None:
+        """Rows in batches through `forward`, each row's first `skip` tokens left out (a prefix computed before)."""
+        for start in range(0, len(rows), batch_rows):
+            batch = rows[start:start + batch_rows]
+            width = max(len(r.ids) for r in batch) - skip
             cells = [sorted(r.gather) for r in batch]
             npos = max(len(c) for c in cells)
             k = max(len(s) for r in batch for s in r.gather.values())
             ids = np.full((len(batch), width), self.pad_id, np.int32)
             positions = np.full((len(batch), npos), -1, np.int32)       # -1: no cell (rows read fewer)
             gather = np.zeros((len(batch), npos, k), np.int32)
-            lengths = np.array([len(r.ids) for r in batch], np.int64)
+            lengths = np.array([len(r.ids) - skip for r in batch], np.int64)
             for b, row in enumerate(batch):
-                ids[b, :len(row.ids)] = row.ids
-                positions[b, :len(cells[b])] = cells[b]
+                ids[b, :len(row.ids) - skip] = row.ids[skip:]
+                positions[b, :len(cells[b])] = np.asarray(cells[b]) - skip
                 for p, pos in enumerate(cells[b]):
                     gather[b, p, :len(row.gather[pos])] = row.gather[pos]
-            logp, argmax = self.forward(ids, positions, gather, lengths)
+            logp, argmax = forward(ids, positions, gather, lengths)
             self.forwards += len(batch)
             for b, row in enumerate(batch):
                 where = {pos: p for p, pos in enumerate(cells[b])}
@@ -117,7 +212,6 @@ class LoglikelihoodScorer:
                     out[req] = (total, greedy)
                 if progress is not None:
                     progress(len(row.reads))
-        return out  # type: ignore[return-value]
 
 
 def local_forward(model) -> BatchForward:

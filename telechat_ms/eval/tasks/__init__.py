@@ -6,9 +6,10 @@ from telechat_ms.eval.tasks import bbh, code, exams, gsm8k, ifeval, judged
 from telechat_ms.eval.tasks.base import LayoutError, Metric, Sample, TaskSpec
 
 TASKS: dict[str, TaskSpec] = {t.name: t for m in (exams, gsm8k, bbh, code, ifeval, judged) for t in m.TASKS}
+CHAT_TASKS: dict[str, TaskSpec] = {t.name: t for t in exams.CHAT_TASKS}   # --prompt-style chat
 PERPLEXITY = "perplexity"      # held-out loss over a process-data MindRecord dir (telechat_ms.train.evaluate)
 
-__all__ = ["LayoutError", "Metric", "PERPLEXITY", "Sample", "TASKS", "TaskSpec", "resolve"]
+__all__ = ["CHAT_TASKS", "LayoutError", "Metric", "PERPLEXITY", "Sample", "TASKS", "TaskSpec", "resolve"]
 
 
 def resolve(names: str | list[str]) -> list[str]:

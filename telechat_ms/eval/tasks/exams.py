@@ -5,14 +5,19 @@ Prompt of one question (lm-eval's plain-text fewshot_context): the subject's des
 doc_to_text + " " + its answer letter + "\\n\\n", then doc_to_text of the question; doc_to_text is
 "{question.strip()}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\nAnswer:" (MMLU) or "...\\n答案：" (C-Eval, CMMLU). The
 choices scored are the continuations " A", " B", " C", " D" (target delimiter + letter); pred = argmax.
+
+`--prompt-style chat` (CHAT_TASKS): the same questions and shots as a conversation through the chat template (each
+shot a user turn answered by its letter), the answer generated greedily, pred = the first A-D standing alone in it.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from importlib import resources
 from typing import Any
 
+from telechat_ms.chat_template import apply_chat_template
 from telechat_ms.eval.tasks.base import LayoutError, Metric, Sample, TaskSpec, mean_stderr, read_csv, subjects_in
 
 LETTERS = ("A", "B", "C", "D")
@@ -67,32 +72,85 @@ _FAMILY = {
 }
 
 
-def load_exam(family: str, data_dir: str, num_fewshot: int) -> list[Sample]:
-    """Every question of every subject (sorted by subject, file order within), prompts with num_fewshot shots."""
+def _subject_rows(family: str, data_dir: str, num_fewshot: int):
+    """(subject, description, shot rows, question rows) of every subject, sorted by subject."""
     split, dev, suffix, dev_suffix, cue, layout = _FAMILY[family]
     root = os.path.join(data_dir, family)
     if family == "mmlu" and not os.path.isdir(os.path.join(root, "data")) and os.path.isdir(os.path.join(root, "test")):
         split, dev = "test", "dev"            # the tarball's data/ folder itself given as mmlu/
     known = descriptions(family)
-    samples: list[Sample] = []
     for subject in subjects_in(os.path.join(root, split), suffix, layout):
         if subject not in known:
             raise LayoutError(os.path.join(root, split, subject + suffix),
                               f"unknown subject {subject!r} (the release has {len(known)})", layout)
-        shots = ""
+        shots: list[dict[str, Any]] = []
         if num_fewshot > 0:
             dev_path = os.path.join(root, dev, subject + dev_suffix)
-            dev_rows = _rows(dev_path, family)
-            if len(dev_rows) < num_fewshot:
-                raise LayoutError(dev_path, f"{len(dev_rows)} dev questions, --num-fewshot asks {num_fewshot}",
+            shots = _rows(dev_path, family)
+            if len(shots) < num_fewshot:
+                raise LayoutError(dev_path, f"{len(shots)} dev questions, --num-fewshot asks {num_fewshot}",
                                   layout)
-            shots = "".join(_question(r["question"], r["A"], r["B"], r["C"], r["D"], cue) + " " + r["answer"]
-                            + "\n\n" for r in dev_rows[:num_fewshot])
-        for r in _rows(os.path.join(root, split, subject + suffix), family):
-            prompt = known[subject] + shots + _question(r["question"], r["A"], r["B"], r["C"], r["D"], cue)
-            samples.append(Sample(family, len(samples), subject, prompt, LETTERS.index(r["answer"]),
-                                  choices=list(CHOICES)))
+        yield subject, known[subject], shots[:num_fewshot], _rows(os.path.join(root, split, subject + suffix), family)
+
+
+def _text(family: str, r: dict[str, Any]) -> str:
+    return _question(r["question"], r["A"], r["B"], r["C"], r["D"], _FAMILY[family][4])
+
+
+def load_exam(family: str, data_dir: str, num_fewshot: int) -> list[Sample]:
+    """Every question of every subject (sorted by subject, file order within), prompts with num_fewshot shots."""
+    samples: list[Sample] = []
+    for subject, description, shot_rows, rows in _subject_rows(family, data_dir, num_fewshot):
+        shots = "".join(_text(family, r) + " " + r["answer"] + "\n\n" for r in shot_rows)
+        for r in rows:
+            samples.append(Sample(family, len(samples), subject, description + shots + _text(family, r),
+                                  LETTERS.index(r["answer"]), choices=list(CHOICES)))
     return samples
+
+
+CHAT_MAX_TOKENS = 32      # the letter, and room for a chat model's "答案是 B" / "The answer is B."
+
+
+def chat_messages(family: str, description: str, shot_rows: list[dict[str, Any]], row: dict[str, Any]
+                  ) -> list[dict[str, str]]:
+    """The conversation of `--prompt-style chat`: every shot a user turn (its question) answered by its letter,
+    then the question; the subject's description opens the first user turn."""
+    messages: list[dict[str, str]] = []
+    for r in [*shot_rows, row]:
+        lead = description if not messages else ""
+        messages.append({"role": "user", "content": lead + _text(family, r)})
+        if r is not row:
+            messages.append({"role": "assistant", "content": r["answer"]})
+    return messages
+
+
+def load_exam_chat(family: str, data_dir: str, num_fewshot: int) -> list[Sample]:
+    """The questions of load_exam (same doc ids) as chat prompts: the conversation of `chat_messages` rendered by
+    the chat template with the assistant's turn opened; the answer is generated greedily."""
+    samples: list[Sample] = []
+    for subject, description, shot_rows, rows in _subject_rows(family, data_dir, num_fewshot):
+        for r in rows:
+            prompt = apply_chat_template(chat_messages(family, description, shot_rows, r), add_generation_prompt=True)
+            samples.append(Sample(family, len(samples), subject, prompt, LETTERS.index(r["answer"]),
+                                  choices=list(LETTERS), until=(), max_gen_toks=CHAT_MAX_TOKENS))
+    return samples
+
+
+_LETTER = re.compile(r"(?<![A-Za-z])[ABCD](?![A-Za-z])")
+
+
+def extract_letter(text: str) -> str | None:
+    """The first of A-D standing alone in a generation ("B", "B. 32", "答案：B", "The answer is (B)"; not the A of
+    "Answer"), or None."""
+    m = _LETTER.search(text or "")
+    return m.group(0) if m else None
+
+
+def score_letter(sample: Sample, result: dict[str, Any]) -> dict[str, Any]:
+    """pred = index of the extracted letter (None when the generation names none: wrong)."""
+    letter = extract_letter(result["generation"])
+    pred = None if letter is None else LETTERS.index(letter)
+    return {"extracted": letter, "pred": pred, "correct": pred == sample.target}
 
 
 def score_choice(sample: Sample, result: dict[str, Any]) -> dict[str, Any]:
@@ -122,4 +180,10 @@ def _spec(family: str, published: str) -> TaskSpec:
                     default_fewshot=5, published=published, primary="acc")
 
 
+def _chat_spec(family: str, published: str) -> TaskSpec:
+    return TaskSpec(family, "generate", lambda d, k: load_exam_chat(family, d, k), score_letter, aggregate_acc,
+                    default_fewshot=5, published=published, primary="acc")
+
+
 TASKS = [_spec("ceval", "C-Eval"), _spec("mmlu", "MMLU"), _spec("cmmlu", "CMMLU")]
+CHAT_TASKS = [_chat_spec("ceval", "C-Eval"), _chat_spec("mmlu", "MMLU"), _chat_spec("cmmlu", "CMMLU")]
