@@ -110,3 +110,15 @@ def test_serve_config_rejects_the_paged_cache_flags(flag, capsys):
     """serve --config runs the static-cache engine: the paged kv cache's flags are refused, not ignored."""
     assert main(["serve", "--config", TINY_PREDICT_YAML, *flag]) == 2
     assert f"{flag[0]} is not used with --config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["MODEL", "--prompt", "x", "--block-size", "8"], "--block-size is not used here"),
+    (["MODEL", "--input", "x.jsonl", "--output", "y", "--data-parallel", "--num-blocks", "9"],
+     "--num-blocks is not used here"),
+    (["--config", TINY_PREDICT_YAML, "--input", "x.jsonl", "--max-model-len", "64"],
+     "--max-model-len is not used with --config"),
+])
+def test_generate_refuses_engine_flags_where_no_engine_runs(argv, message, capsys):
+    assert main(["generate", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -33,12 +33,32 @@ def _serve(args: argparse.Namespace) -> int:
                       max_batch_size=args.max_batch_size or 8, max_model_len=args.max_model_len,
                       max_queue=args.max_queue, api_key=args.api_key, use_jit=not args.no_jit,
                       warmup=not args.no_warmup, device_target=args.device_target, cpu_threads=args.cpu_threads,
-                      batch_window_ms=args.batch_window_ms, num_blocks=args.num_blocks,
-                      kv_cache_memory_bytes=args.kv_cache_memory_bytes, prefix_caching=not args.no_prefix_caching,
-                      **{key: value for key, value in (("block_size", args.block_size),
-                                                       ("max_num_batched_tokens", args.max_num_batched_tokens))
-                         if value is not None})   # ServeConfig holds their defaults
+                      batch_window_ms=args.batch_window_ms, **paged_cache_options(args))
     return run(cfg) if job is None else run_job(job, cfg)
+
+
+def add_paged_cache_args(p: argparse.ArgumentParser) -> None:
+    """The paged kv cache's flags (serve, serve --config, generate --input): their defaults live in ServeConfig."""
+    p.add_argument("--block-size", type=int, default=None, help="tokens per kv-cache block (default 16)")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="kv-cache blocks (as vLLM's --num-gpu-blocks-override; default: what "
+                        "--kv-cache-memory-bytes holds)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="kv-cache size in bytes (default 1 GiB, never more than --max-batch-size sequences of "
+                        "--max-model-len fill); sequences are admitted while blocks are free")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens one step computes at most: every decoding sequence's next token, then chunks of "
+                        "prompts (a longer prompt is prefilled over several steps; default 512)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the kv-cache blocks of identical prompt prefixes")
+
+
+def paged_cache_options(args: argparse.Namespace) -> dict:
+    """ServeConfig keyword arguments of the paged-cache flags the user gave (ServeConfig holds the defaults)."""
+    given = {"block_size": args.block_size, "num_blocks": args.num_blocks,
+             "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
+             "max_num_batched_tokens": args.max_num_batched_tokens}
+    return {**{k: v for k, v in given.items() if v is not None}, "prefix_caching": not args.no_prefix_caching}
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -78,16 +98,5 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="an idle engine woken by a request waits up to this long for more, to prefill a burst in "
                         "one step (every step computes all rows); 0 admits at once (default 10)")
-    p.add_argument("--block-size", type=int, default=None, help="tokens per kv-cache block (default 16)")
-    p.add_argument("--num-blocks", type=int, default=None,
-                   help="kv-cache blocks (as vLLM's --num-gpu-blocks-override; default: what "
-                        "--kv-cache-memory-bytes holds)")
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
-                   help="kv-cache size in bytes (default 1 GiB, never more than --max-batch-size sequences of "
-                        "--max-model-len fill); sequences are admitted while blocks are free")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens one step computes at most: every decoding sequence's next token, then chunks of "
-                        "prompts (a longer prompt is prefilled over several steps; default 512)")
-    p.add_argument("--no-prefix-caching", action="store_true",
-                   help="do not reuse the kv-cache blocks of identical prompt prefixes")
+    add_paged_cache_args(p)
     p.set_defaults(func=_serve, overrides=[], takes_overrides=True)

@@ -56,12 +56,16 @@ def local_stepper_factory(model, use_jit: bool = True) -> StepperFactory:
     return make
 
 
-def paged_stepper_factory(model, use_jit: bool = True):
-    """PagedEngine stepper factory over this process's model (telechat_ms.infer.paged.PagedStepper)."""
+def paged_stepper_factory(model, use_jit: bool = True, jit_config=None):
+    """PagedEngine stepper factory over this process's model (telechat_ms.infer.paged.PagedStepper); jit_config: a
+    predict job's (its context.jit_level)."""
     from telechat_ms.infer.paged import PagedStepper
 
     def make(num_blocks: int, block_size: int) -> PagedStepper:
-        return PagedStepper(model, num_blocks, block_size, use_jit)
+        stepper = PagedStepper(model, num_blocks, block_size, use_jit)
+        if jit_config is not None:
+            stepper.cell.set_jit_config(jit_config)
+        return stepper
     return make
 
 
