@@ -14,13 +14,6 @@ def _serve(args: argparse.Namespace) -> int:
                       (args.device_target, "--device-target", "context.device_target"),
                       (args.max_batch_size, "--max-batch-size", "runner_config.batch_size"),
                       (args.max_model_len, "--max-model-len", "model.model_config.seq_length")])
-        paged = [flag for flag, value in (("--block-size", args.block_size), ("--num-blocks", args.num_blocks),
-                                          ("--kv-cache-memory-bytes", args.kv_cache_memory_bytes),
-                                          ("--max-num-batched-tokens", args.max_num_batched_tokens),
-                                          ("--no-prefix-caching", args.no_prefix_caching))
-                 if value is not None and value is not False]
-        if paged:  # serve --config still runs the static-cache engine (model-parallel stepper)
-            raise ConfigError(f"{paged[0]} is not used with --config: the paged kv cache serves MODEL_DIR only")
         job = load_predict_job(args.config, args.overrides)
         use_log_dir(job.output_dir)       # before the server's imports bring MindFormers in
     elif args.overrides:
@@ -73,8 +66,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--config", default=None,
                    help="predict YAML (yaml_configs/<size>/predict_telechat2_<size>.yaml) instead of MODEL_DIR: one "
                         "process, or model parallel under msrun (run_scripts/msrun_predict.sh ... serve), rank 0 "
-                        "serving HTTP; its kv cache is runner_config.batch_size rows x seq_length slots; "
-                        "--key.path=value overrides")
+                        "serving HTTP; the paged engine over runner_config.batch_size sequences of seq_length "
+                        "tokens (the cache flags below size it, per NPU); --key.path=value overrides")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or its directory (default: MODEL_DIR)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)

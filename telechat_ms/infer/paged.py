@@ -80,13 +80,20 @@ class PagedStepper:
         """Write ids [R, n] at slots [R, n] (rotary positions [R, n], each token's NTK total [R, n]); row r
         attends over the blocks block_tables[r] [nb] up to each query's position. fp32 logits [R, V] of column
         `last`."""
+        return self._call(ids, positions, totals, slots, block_tables, np.array([last], np.int32))[:, 0]
+
+    def step_columns(self, ids: np.ndarray, positions: np.ndarray, totals: np.ndarray, slots: np.ndarray,
+                     block_tables: np.ndarray) -> np.ndarray:
+        """step() returning the logits of every column, [R, n, V] (prompt scoring: log-probs of each token)."""
+        return self._call(ids, positions, totals, slots, block_tables, np.arange(np.shape(ids)[1], dtype=np.int32))
+
+    def _call(self, ids, positions, totals, slots, block_tables, last_index: np.ndarray) -> np.ndarray:
         tables = np.asarray(block_tables, np.int32)
         bsz = self.block_size
         ctx_slots = (tables[:, :, None] * bsz + np.arange(bsz, dtype=np.int32)).reshape(tables.shape[0], -1)
         inp = paged_inputs(self.cfg, positions, totals, ctx_slots.shape[1])
         self.shapes.add((ids.shape[0], ids.shape[1], tables.shape[1]))
         logits = self.cell(Tensor(np.asarray(ids, np.int32)), Tensor(inp.cos), Tensor(inp.sin), Tensor(inp.mask),
-                           Tensor(np.asarray(slots, np.int32).reshape(-1)), Tensor(ctx_slots),
-                           Tensor(np.array([last], np.int32)))
-        return logits.asnumpy()[:, 0]
+                           Tensor(np.asarray(slots, np.int32).reshape(-1)), Tensor(ctx_slots), Tensor(last_index))
+        return logits.asnumpy()
 
