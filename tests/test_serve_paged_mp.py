@@ -196,3 +196,32 @@ def test_every_primitive_of_the_paged_step_carries_a_fitting_strategy(name):
     used = {id(c.prim) for traced in calls.values() for c in traced}
     assert [p for p in applied.table if id(resolve(model, p)) not in used] == []
     assert set(stepper.cache_splits.values()) == {(1, mp, 1)}
+
+
+def test_ascend_paged_kernels_wiring_computes_the_gather_path(recorded, gqa):
+    """The Ascend path (PagedStepper(kernels=True): block-major caches, ReshapeAndCache writes, PagedAttention for
+    decode calls) with the two kernels computed in numpy as documented (they have no CPU implementation: this is
+    the wiring, never a run of the kernels) replays every call of the engine run to 1e-5 of the gather path, and
+    under mp 2 every primitive it runs carries a fitting strategy (MindFormers' PagedAttentionMgr strategies)."""
+    from telechat_ms.infer.paged import kernels_for_device
+    from tests.predict_trace import strategy_problems, trace
+    _, stepper, *_ = recorded
+    assert not kernels_for_device()                       # CPU: the gather path is the default
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    model = TeleChatForCausalLM.from_pretrained(gqa.name_or_path)
+    applied = parallelize_predict(model, ParallelConfig(model_parallel=2), paged=True, kernels=True)
+    kern = ModelParallelPagedStepper(model, BLOCKS, BLOCK, applied, use_jit=False, kernels=True)
+    assert tuple(kern.cache.k[0].shape) == (BLOCKS, BLOCK, gqa.config.num_key_value_heads, gqa.config.head_dim)
+    attn = model.model.layers[0].attention
+    assert (attn.paged_attention.head_num, attn.paged_attention.kv_head_num) == (8, 4)
+    assert attn.paged_attention.scale_value == pytest.approx(gqa.config.head_dim ** -0.5)
+    assert set(kern.cache_splits.values()) == {(1, 1, 2, 1)}
+    with trace() as calls:
+        for i, (kind, args, want) in enumerate(stepper.calls):
+            got = getattr(kern, kind)(*args)
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"call {i} {kind}")
+    assert strategy_problems(calls) == []
+    kinds = {c.kind for c in calls}
+    assert {"ReshapeAndCache", "PagedAttention", "Gather"} <= kinds and "ScatterUpdate" not in kinds
+    with pytest.raises(ValueError, match="kernels=True"):
+        ModelParallelPagedStepper(gqa, 4, 8, recorded[5], kernels=True)

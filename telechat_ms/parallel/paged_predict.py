@@ -21,7 +21,7 @@ import numpy as np
 from mindspore import Tensor
 
 from telechat_ms.errors import ConfigError
-from telechat_ms.infer.paged import PagedStepper
+from telechat_ms.infer.paged import PagedStepper, kernels_for_device
 from telechat_ms.parallel.parallelize import AppliedPredict
 from telechat_ms.parallel.predict import ModelParallelSession, check_layouts, load_sharded_checkpoint
 from telechat_ms.positions import paged_inputs
@@ -31,10 +31,13 @@ class ModelParallelPagedStepper(PagedStepper):
     """The paged step of a model prepared by parallelize_predict(..., paged=True), over num_blocks x block_size."""
 
     def __init__(self, model, num_blocks: int, block_size: int, applied: AppliedPredict, use_jit: bool = True,
-                 jit_config=None):
+                 jit_config=None, kernels: bool = False):
         if any(layer.attention.cache_write_by_add for layer in model.model.layers):
             raise ValueError("ModelParallelPagedStepper needs a model prepared by parallelize_predict(paged=True)")
-        super().__init__(model, num_blocks, block_size, use_jit)
+        if kernels != ("model.layers.0.attention.reshape_and_cache" in applied.table):
+            raise ValueError(f"kernels={kernels}: prepare the model with parallelize_predict(paged=True, "
+                             f"kernels={kernels})")
+        super().__init__(model, num_blocks, block_size, use_jit, kernels)
         self.applied = applied
         if jit_config is not None:
             self.cell.set_jit_config(jit_config)
@@ -43,6 +46,9 @@ class ModelParallelPagedStepper(PagedStepper):
     def cache_splits(self) -> dict[str, tuple]:
         """Split of every cache parameter: that of the paged write's input (whole kv heads)."""
         table = self.applied.table
+        if self.kernels:
+            return {p.name: tuple(table[f"model.layers.{i}.attention.reshape_and_cache"].inputs[2 + j])
+                    for j, caches in enumerate((self.cache.k, self.cache.v)) for i, p in enumerate(caches)}
         return {p.name: tuple(table[f"model.layers.{i}.attention.paged_write_{kind}"].inputs[0])
                 for kind, caches in (("k", self.cache.k), ("v", self.cache.v)) for i, p in enumerate(caches)}
 
@@ -67,7 +73,8 @@ class ModelParallelPagedStepper(PagedStepper):
         inp = paged_inputs(self.cfg, np.zeros((rows, width), np.int64), np.ones((rows, width), np.int64),
                            ctx.shape[1])
         return (Tensor(np.zeros((rows, width), np.int32)), Tensor(inp.cos), Tensor(inp.sin), Tensor(inp.mask),
-                Tensor(np.zeros(rows * width, np.int32)), Tensor(ctx), Tensor(np.array([width - 1], np.int32)))
+                Tensor(np.zeros(rows * width, np.int32)), Tensor(tables if self.kernels else ctx),
+                Tensor(np.array([width - 1], np.int32)))
 
     def compile(self) -> dict:
         """Compile the decode call without running it; under semi-auto parallel this lays out (and slices) every
@@ -94,9 +101,11 @@ def build_model_parallel_paged(job, num_blocks: int, block_size: int, use_jit: b
         no_init_parameters = contextlib.nullcontext
     with no_init_parameters():
         model = TeleChatForCausalLM(job.model_config)
-    applied = parallelize_predict(model, job.parallel_config, job.source, paged=True)
+    kernels = kernels_for_device()    # Ascend: ReshapeAndCache / PagedAttention (never run here)
+    applied = parallelize_predict(model, job.parallel_config, job.source, paged=True, kernels=kernels)
     stepper = ModelParallelPagedStepper(model, num_blocks, block_size, applied,
-                                        use_jit and job.context.mode != "GRAPH_MODE", jit_config=run.jit_config())
+                                        use_jit and job.context.mode != "GRAPH_MODE", jit_config=run.jit_config(),
+                                        kernels=kernels)
     layout = stepper.compile()
     check_layouts(layout, {**applied.param_splits, **stepper.cache_splits})
     load_sharded_checkpoint(model, job.load_checkpoint, applied.param_splits, run.rank)

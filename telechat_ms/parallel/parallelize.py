@@ -179,17 +179,20 @@ def predict_layout(cfg: TeleChatConfig, pc: ParallelConfig, source: str = "") ->
     return dims
 
 
-def parallelize_predict(model, pc: ParallelConfig, source: str = "", paged: bool = False) -> AppliedPredict:
+def parallelize_predict(model, pc: ParallelConfig, source: str = "", paged: bool = False,
+                        kernels: bool = False) -> AppliedPredict:
     """Apply the predict strategies to `model` (a TeleChatForCausalLM built under the semi-auto context).
 
     Shards every primitive of the cached prefill and decode graphs, and switches the attention's cache write to
     the shardable ScatterNdAdd (the stepper of telechat_ms.parallel.predict zeroes the slots it writes). paged:
-    the paged step's table instead (telechat_ms.parallel.paged_predict; its ScatterUpdate write splits as it is).
+    the paged step's table instead (telechat_ms.parallel.paged_predict; its ScatterUpdate write splits as it is);
+    kernels: that table for Ascend's paged-attention kernels.
     """
     cfg = model.config
     dims = predict_layout(cfg, pc, source)
     fused = not getattr(model.model.norm_out, "self_define", True)
-    table = (paged_predict_strategy_table if paged else predict_strategy_table)(cfg, dims, fused_norm=fused)
+    table = paged_predict_strategy_table(cfg, dims, fused_norm=fused, kernels=kernels) if paged else \
+        predict_strategy_table(cfg, dims, fused_norm=fused)
     apply_strategies(model, table)
     for layer in model.model.layers:
         layer.attention.cache_write_by_add = not paged
