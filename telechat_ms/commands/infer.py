@@ -212,9 +212,11 @@ def _generate_from_config(args: argparse.Namespace) -> int:
     use_log_dir(job.output_dir)
     options = _options(args)
     options.setdefault("seed", job.seed)
+    if job.model_parallel and args.input:
+        return _paged_lockstep(args, job, output, options)
     if job.model_parallel:
         from telechat_ms.parallel.predict import build_model_parallel
-        _refuse_paged_flags(args, "generate --config of a model-parallel job runs the static-cache lockstep")
+        _refuse_paged_flags(args, "generate --config --prompt of a model-parallel job runs the static-cache lockstep")
         return _lockstep(args, job, build_model_parallel(job, use_jit=not args.no_jit), output, options)
     from telechat_ms.infer.kv_cache import CacheStepper, use_stepper_factory
     from telechat_ms.model.telechat import TeleChatForCausalLM
@@ -236,6 +238,28 @@ def _generate_from_config(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args.tokenizer or job.load_checkpoint, model)
     world = (run.rank, run.world_size) if run.world_size > 1 else None
     return _answer(model, tokenizer, args, output, job.batch_size, options, world)
+
+
+def _paged_lockstep(args: argparse.Namespace, job, output: str, options: dict[str, Any]) -> int:
+    """generate --config --input of a model-parallel job: the serving engine on rank 0 over the paged
+    model-parallel step (the cache split by whole kv heads), the other ranks replaying its calls (as serve
+    --config); rank 0 writes the output."""
+    from telechat_ms.parallel.paged_predict import build_model_parallel_paged
+    from telechat_ms.parallel.predict import run_lockstep
+    from telechat_ms.serve.server import fixed_paged_factory, paged_settings
+    settings = _engine_settings(args, job.batch_size)
+    seq = job.model_config.seq_length
+    cache = paged_settings(settings, job.model_config, seq, mp=job.parallel_config.model_parallel)
+    session = build_model_parallel_paged(job, cache["num_blocks"], cache["block_size"], use_jit=not args.no_jit)
+
+    def work(model, leader) -> int:
+        tokenizer = _tokenizer(args.tokenizer or job.load_checkpoint, model)
+        paged = dict(settings=settings, max_model_len=seq, stepper_factory=fixed_paged_factory(leader),
+                     mp=job.parallel_config.model_parallel)
+        return _answer(model, tokenizer, args, output, job.batch_size, options, paged=paged)
+
+    result = run_lockstep(session, work, paged=True)
+    return 0 if result is None else result
 
 
 def _lockstep(args: argparse.Namespace, job, session, output: str | None, options: dict[str, Any]) -> int:

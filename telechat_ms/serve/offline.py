@@ -37,10 +37,11 @@ def sampling_params(config: GenerationConfig) -> SamplingParams:
 
 
 def offline_engine(model, tokenizer, settings: ServeConfig, max_model_len: int, use_jit: bool = True,
-                   stepper_factory=None, max_queue: int | None = None) -> PagedEngine:
+                   stepper_factory=None, max_queue: int | None = None, mp: int = 1) -> PagedEngine:
     """A PagedEngine driven from the calling thread (run_once), over this process's model unless a stepper factory
-    (num_blocks, block_size) -> PagedStepper is given; graphs compile when first used (no warmup)."""
-    paged = paged_settings(settings, model.config, max_model_len)
+    (num_blocks, block_size) -> PagedStepper is given (mp: its model-parallel degree, for the per-NPU cache
+    budget); graphs compile when first used (no warmup)."""
+    paged = paged_settings(settings, model.config, max_model_len, mp=mp)
     window = max_queue if max_queue is not None else WINDOW_PER_ROW * settings.max_batch_size
     engine = PagedEngine(stepper_factory or paged_stepper_factory(model, use_jit), tokenizer, tokenizer.vocab_size,
                          max_model_len, max_batch_size=settings.max_batch_size, max_queue=window,
@@ -90,12 +91,12 @@ def run_engine_batch(engine: PagedEngine, tokenizer, requests: Iterator[Request]
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     params, stop_ids = sampling_params(config), config.stop_ids
     counts = {"answered": 0, "errors": 0, "new_tokens": 0}
-    order: deque[_Answer] = deque()
-    in_flight, window = 0, engine.max_queue
+    order: deque[_Answer] = deque()    # read and not yet written, in input order: at most `window`
+    window = engine.max_queue
     source = iter(requests)
     exhausted = False
     while True:
-        while not exhausted and in_flight < window:
+        while not exhausted and len(order) < window:
             req = next(source, None)
             if req is None:
                 exhausted = True
@@ -118,11 +119,8 @@ def run_engine_batch(engine: PagedEngine, tokenizer, requests: Iterator[Request]
                 log(f"skipped {answer.req.error}")
                 continue
             engine.submit([Sequence(ids, params, answer.take)])
-            in_flight += 1
         while order and order[0].done:
             answer = order.popleft()
-            if answer.req.error is None:
-                in_flight -= 1
             _write(answer, write, counts, stop_ids, tokenizer)
             if progress is not None:
                 progress(1)
@@ -151,7 +149,8 @@ def _write(answer: _Answer, write, counts: dict[str, int], stop_ids: set[int], t
 
 def predict_file_paged(model, tokenizer, input_path: str, output_path: str, settings: ServeConfig,
                        config: GenerationConfig, max_model_len: int | None = None, show_progress: bool = True,
-                       on_error: str = "skip", use_jit: bool = True, stepper_factory=None) -> dict[str, int]:
+                       on_error: str = "skip", use_jit: bool = True, stepper_factory=None,
+                       mp: int = 1) -> dict[str, int]:
     """`generate --input`: answer input_path through a PagedEngine into output_path (atomically: a .tmp renamed).
     max_model_len None: the longest request's prompt + max_new_tokens (a first pass over the file)."""
     import json
@@ -162,7 +161,7 @@ def predict_file_paged(model, tokenizer, input_path: str, output_path: str, sett
         raise DataError(f"{input_path}: input file not found")
     if max_model_len is None:
         max_model_len = longest_need(tokenizer, read_requests(input_path), config.max_new_tokens)
-    engine = offline_engine(model, tokenizer, settings, max_model_len, use_jit, stepper_factory)
+    engine = offline_engine(model, tokenizer, settings, max_model_len, use_jit, stepper_factory, mp=mp)
     tmp = output_path + ".tmp"
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     bar = tqdm(total=count_lines(input_path), unit="prompt", disable=not show_progress, file=sys.stderr)
