@@ -109,8 +109,8 @@ class PagedStepper:
         ctx_slots = (tables[:, :, None] * bsz + np.arange(bsz, dtype=np.int32)).reshape(tables.shape[0], -1)
         inp = paged_inputs(self.cfg, positions, totals, ctx_slots.shape[1])
         self.shapes.add((ids.shape[0], ids.shape[1], tables.shape[1]))
+        ctx = tables if self.kernels else ctx_slots      # the kernels read block tables, the gather path slots
         logits = self.cell(Tensor(np.asarray(ids, np.int32)), Tensor(inp.cos), Tensor(inp.sin), Tensor(inp.mask),
-                           Tensor(np.asarray(slots, np.int32).reshape(-1)), Tensor(tables if self.kernels else ctx_slots),
-                           Tensor(last_index))
+                           Tensor(np.asarray(slots, np.int32).reshape(-1)), Tensor(ctx), Tensor(last_index))
         return logits.asnumpy()
 
