@@ -2,8 +2,9 @@
 check each one against its shard strategy: present (unless its type takes its layout from its producer), one
 entry per tensor input, each entry as long as that input's rank and dividing its shape.
 
-FlashAttentionScore and RmsNorm have no CPU kernels: inside a trace their calls are recorded and their outputs
-computed in numpy with the same function, so the Ascend configuration's prefill can be traced on CPU too."""
+FlashAttentionScore, RmsNorm, ReshapeAndCache and PagedAttention have no CPU kernels: inside a trace their calls
+are recorded and their outputs computed in numpy with the function their documentation gives, so the Ascend
+configuration's steps can be traced on CPU too."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +19,7 @@ EXEMPT = {
     "Reshape": "a view: MindSpore derives its layout and inserts any redistribution",
     "Cast": "one input, element-wise, one instance used at several ranks: follows its producer's layout",
     "Shape": "metadata", "DType": "metadata", "DtypeToEnum": "metadata", "ProxyOp": "metadata",
+    "Depend": "control: orders the paged kernels' cache write before their read",
 }
 
 
@@ -56,7 +58,42 @@ def _rms_norm(prim, x, w):
     return ms.Tensor(y, x.dtype), None
 
 
-SHIMS = {"FlashAttentionScore": _flash, "RmsNorm": _rms_norm}
+def _reshape_and_cache(prim, key, value, key_cache, value_cache, slot_mapping):
+    """ReshapeAndCache as documented: token t's key / value [K * d] into slot slot_mapping[t] of the block-major
+    caches [num_blocks, block_size, K, d] (in place)."""
+    slots = slot_mapping.asnumpy().reshape(-1)
+    for new, cache in ((key, key_cache), (value, value_cache)):
+        data = cache.asnumpy().copy()
+        nb, bs = data.shape[:2]
+        flat = data.reshape(nb * bs, -1)
+        flat[slots] = new.asnumpy().reshape(len(slots), -1)
+        cache.set_data(ms.Tensor(flat.reshape(data.shape), cache.dtype))
+    return key
+
+
+def _paged_attention(prim, query, key_cache, value_cache, block_tables, context_lens, *rest):
+    """PagedAttention as documented: each row's query [1, N * d] over the first context_lens[r] tokens of its blocks
+    (block_tables[r]), query head h reading kv head h // (N / K), softmax(q k^T x scale) v; [R, 1, N * d]."""
+    q = np.asarray(query.asnumpy(), np.float64)
+    kc, vc = (np.asarray(c.asnumpy(), np.float64) for c in (key_cache, value_cache))
+    nb, bs, n_kv, d = kc.shape
+    heads = prim.head_num
+    out = np.zeros_like(q)
+    for r, (table, length) in enumerate(zip(block_tables.asnumpy(), context_lens.asnumpy())):
+        idx = np.arange(int(length))
+        slots = table[idx // bs] * bs + idx % bs
+        k, v = kc.reshape(nb * bs, n_kv, d)[slots], vc.reshape(nb * bs, n_kv, d)[slots]    # [L, K, d]
+        qr = q[r].reshape(heads, d)
+        kv_of = np.arange(heads) // (heads // n_kv)
+        scores = np.einsum("hd,lhd->hl", qr, k[:, kv_of]) * prim.scale_value
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[r] = np.einsum("hl,lhd->hd", p, v[:, kv_of]).reshape(1, -1)
+    return ms.Tensor(out, query.dtype)
+
+
+SHIMS = {"FlashAttentionScore": _flash, "RmsNorm": _rms_norm, "ReshapeAndCache": _reshape_and_cache,
+         "PagedAttention": _paged_attention}
 
 
 def _classes() -> set:

@@ -104,9 +104,35 @@ def test_generate_config_usage_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", [["--block-size", "32"], ["--num-blocks", "64"], ["--kv-cache-memory-bytes", "1024"],
-                                  ["--max-num-batched-tokens", "256"], ["--no-prefix-caching"]])
-def test_serve_config_rejects_the_paged_cache_flags(flag, capsys):
-    """serve --config runs the static-cache engine: the paged kv cache's flags are refused, not ignored."""
-    assert main(["serve", "--config", TINY_PREDICT_YAML, *flag]) == 2
-    assert f"{flag[0]} is not used with --config" in capsys.readouterr().err
+@pytest.mark.parametrize("flag", ["--block-size", "--num-blocks", "--kv-cache-memory-bytes",
+                                  "--max-num-batched-tokens"])
+def test_serve_config_reads_the_paged_cache_flags(flag, capsys):
+    """serve --config runs the paged engine: its cache flags are read (a bad value is refused, naming the flag,
+    before anything loads); tests/test_serve_config.py serves with them under msrun."""
+    assert main(["serve", "--config", TINY_PREDICT_YAML, flag, "0"]) == 2
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_serve_config_sizes_the_paged_cache_per_npu():
+    """--kv-cache-memory-bytes is per NPU: mp NPUs hold 1/mp of every block, so the same budget holds mp x the
+    blocks (never more than runner_config.batch_size sequences of seq_length fill)."""
+    from telechat_ms.parallel.predict_job import load_predict_job
+    from telechat_ms.serve.server import ServeConfig, paged_settings
+    cfg = load_predict_job(TINY_PREDICT_YAML).model_config
+    per_block = 2 * cfg.n_layer * cfg.num_key_value_heads * cfg.head_dim * 4 * 16
+    settings = ServeConfig(model_dir="", max_batch_size=64, kv_cache_memory_bytes=per_block * 10)
+    assert paged_settings(settings, cfg, 256)["num_blocks"] == 10
+    assert paged_settings(settings, cfg, 256, mp=2)["num_blocks"] == 20
+    assert paged_settings(ServeConfig(model_dir="", max_batch_size=2), cfg, 256, mp=2)["num_blocks"] == 2 * 16 + 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["MODEL", "--prompt", "x", "--block-size", "8"], "--block-size is not used here"),
+    (["MODEL", "--input", "x.jsonl", "--output", "y", "--data-parallel", "--num-blocks", "9"],
+     "--num-blocks is not used here"),
+    (["--config", TINY_PREDICT_YAML, "--input", "x.jsonl", "--max-model-len", "64"],
+     "--max-model-len is not used with --config"),
+])
+def test_generate_refuses_engine_flags_where_no_engine_runs(argv, message, capsys):
+    assert main(["generate", *argv]) == 2
+    assert message in capsys.readouterr().err

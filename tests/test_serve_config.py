@@ -1,7 +1,8 @@
-"""`telechat-ms serve --config PREDICT.yaml`: the continuous-batching engine over a predict job's kv cache, in one
-process and model parallel in lockstep under msrun (rank 0 serves HTTP; each CPU rank a full replica of the predict
-configuration in place of the Ascend-only semi-auto build), and the engine over the model-parallel stepper answering
-exactly what it answers over the local one."""
+"""`telechat-ms serve --config PREDICT.yaml`: the paged engine over a predict job (runner_config.batch_size
+sequences of seq_length tokens, the cache flags sizing its blocks), in one process and model parallel in lockstep
+under msrun (rank 0 serves HTTP; each CPU rank a full replica of the paged predict configuration in place of the
+Ascend-only semi-auto build; prompt log-probs through the paged step), and the static engine over the
+model-parallel stepper answering exactly what it answers over the local one (generate --config's lockstep)."""
 from __future__ import annotations
 
 import os
@@ -57,6 +58,18 @@ def _ask(url: str) -> list[str]:
         return list(pool.map(one, QUESTIONS))
 
 
+def _prompt_logprobs(client) -> list:
+    """echo + logprobs with max_tokens 0 (lm-eval's scoring request) of one prompt: its tokens' log-probs."""
+    r = client.completions.create(model=client.models.list().data[0].id, prompt="tell me a story about the sea",
+                                  echo=True, logprobs=1, max_tokens=0)
+    return r.choices[0].logprobs.token_logprobs
+
+
+def _metric(text: str, name: str) -> float:
+    from tests.serve_fixtures import metric
+    return metric(text, name)
+
+
 def test_engine_over_the_model_parallel_stepper_answers_as_over_the_local_one(tiny_predict_dir):  # noqa: F811
     """Staggered requests make mixed prefill + decode steps (padding columns in the scratch slot, several per row)
     and reuse rows (the model-parallel stepper clears their slots first): every greedy answer is the same."""
@@ -103,7 +116,7 @@ def test_serve_config_in_one_process_and_model_parallel_in_lockstep(tiny_predict
     env = {**os.environ, "GLOG_v": "3", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     common = ["--config", YAML, f"--load_checkpoint={tiny_predict_dir}", "--runner_config.batch_size=3",
               "--no-warmup"]
-    # one process (stand_alone YAML): the job's kv cache of batch_size rows x seq_length slots
+    # one process (stand_alone YAML): the paged engine over batch_size sequences of seq_length tokens
     port = _free_port()
     single = subprocess.Popen([sys.executable, "-m", "telechat_ms.cli", "serve", *common, "--port", str(port),
                                f"--output_dir={tmp_path / 'run1'}"], env=env, cwd=str(tmp_path),
@@ -111,8 +124,10 @@ def test_serve_config_in_one_process_and_model_parallel_in_lockstep(tiny_predict
     try:
         _wait_for(f"http://127.0.0.1:{port}", single)
         want = _ask(f"http://127.0.0.1:{port}")
-        models = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x").models.list().data
-        assert models[0].max_model_len == 255                    # seq_length 256, its last slot the scratch slot
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        models = client.models.list().data
+        assert models[0].max_model_len == 256                    # seq_length: a sequence's prompt + answer
+        want_lp = _prompt_logprobs(client)                       # the full forward's
     finally:
         single.send_signal(signal.SIGINT)
         out, _ = single.communicate(timeout=120)
@@ -126,17 +141,21 @@ def test_serve_config_in_one_process_and_model_parallel_in_lockstep(tiny_predict
            f"--log_dir={tmp_path / 'logs'}", "--join=True", "--cluster_time_out=300",
            os.path.join(REPO, "tests", "lockstep_worker.py"), str(traces), "serve", *common, "--port", str(port),
            f"--output_dir={tmp_path / 'run2'}", "--parallel.parallel_mode=semi_auto_parallel",
-           "--parallel_config.model_parallel=2"]
+           "--parallel_config.model_parallel=2", "--block-size", "8", "--num-blocks", "65",
+           "--max-num-batched-tokens", "64"]
     proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         _wait_for(f"http://127.0.0.1:{port}", proc, timeout=300)
         got = _ask(f"http://127.0.0.1:{port}")
         assert got == want
-        completions = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
-        with pytest.raises(openai.BadRequestError, match="prompt log-probs"):  # no full forward under mp
-            completions.completions.create(model=completions.models.list().data[0].id, prompt="hi", echo=True,
-                                           logprobs=1, max_tokens=0)
+        # no full forward under mp: prompt log-probs go through the paged step, equal to the full forward's
+        got_lp = _prompt_logprobs(openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x"))
+        assert got_lp[0] is None and want_lp[0] is None and len(got_lp) == len(want_lp) > 5
+        np.testing.assert_allclose(got_lp[1:], want_lp[1:], atol=1e-4, rtol=0)
+        import httpx
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert _metric(text, "telechat_kv_cache_blocks_used") + _metric(text, "telechat_kv_cache_blocks_free") == 64
     finally:
         pid = int((traces / "rank0.pid").read_text()) if (traces / "rank0.pid").exists() else None
         if pid is not None:

@@ -113,8 +113,9 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _answer(model, tokenizer, args: argparse.Namespace, output: str | None, batch_size: int,
-            options: dict[str, Any], world: tuple[int, int] | None = None) -> int:
-    """--prompt: print the answer; --input: answer the file into output (this process, or its share of it)."""
+            options: dict[str, Any], world: tuple[int, int] | None = None, paged: dict[str, Any] | None = None) -> int:
+    """--prompt: print the answer; --input: answer the file into output (this process, or its share of it).
+    paged: answer the file through the serving engine (serve.offline) with these predict_file_paged arguments."""
     from telechat_ms.chat_template import apply_chat_template
     from telechat_ms.infer import batch
     if args.prompt:
@@ -124,6 +125,15 @@ def _answer(model, tokenizer, args: argparse.Namespace, output: str | None, batc
         records: list[dict] = []
         batch.run_batch(model, tokenizer, iter([req]), records.append, use_jit=not args.no_jit, **options)
         print(records[0]["answer"])
+        return 0
+    if paged is not None:
+        from telechat_ms.infer.generate import resolve_config
+        from telechat_ms.serve.offline import predict_file_paged
+        counts = predict_file_paged(model, tokenizer, args.input, output, config=resolve_config(model, None, options),
+                                    show_progress=not args.quiet, on_error=args.on_error, use_jit=not args.no_jit,
+                                    **paged)
+        print(f"wrote {counts['answered']} answers ({counts['new_tokens']} tokens), {counts['errors']} bad line(s) "
+              f"to {output}", file=sys.stderr)
         return 0
     kwargs = dict(batch_size=batch_size, on_error=args.on_error, use_jit=not args.no_jit, **options)
     if world is None:
@@ -156,11 +166,36 @@ def _generate(args: argparse.Namespace) -> int:
         raise TeleChatError("give MODEL_DIR or --config PREDICT.yaml")
     output = _check_request(args)
     world = None
+    if args.data_parallel or args.prompt:
+        _refuse_paged_flags(args, "only generate --input in one process runs the serving engine")
     if args.data_parallel:  # communication first: on Ascend it binds each worker to its device
         _set_device(args.device_target)
         world = batch.init_workers()
     model, tokenizer = _load(args)
-    return _answer(model, tokenizer, args, output, args.batch_size or 1, _options(args), world)
+    paged = None
+    if args.input and world is None:   # one process: the serving engine (continuous batching, paged kv cache)
+        paged = dict(settings=_engine_settings(args, args.batch_size), max_model_len=args.max_model_len)
+    return _answer(model, tokenizer, args, output, args.batch_size or 1, _options(args), world, paged)
+
+
+def _refuse_paged_flags(args: argparse.Namespace, why: str) -> None:
+    """The engine's flags where no engine runs: an error naming the first one, never silently ignored."""
+    given = [flag for flag, value in (("--block-size", args.block_size), ("--num-blocks", args.num_blocks),
+                                      ("--kv-cache-memory-bytes", args.kv_cache_memory_bytes),
+                                      ("--max-num-batched-tokens", args.max_num_batched_tokens),
+                                      ("--no-prefix-caching", args.no_prefix_caching),
+                                      ("--max-decode-slowdown", args.max_decode_slowdown),
+                                      ("--max-model-len", args.max_model_len)) if value not in (None, False)]
+    if given:
+        raise TeleChatError(f"{given[0]} is not used here: {why}")
+
+
+def _engine_settings(args: argparse.Namespace, max_batch_size: int | None):
+    """serve's engine options (ServeConfig: one source of truth for the defaults) of a generate --input job."""
+    from telechat_ms.commands.serve import paged_cache_options
+    from telechat_ms.serve.server import ServeConfig
+    extra = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
+    return ServeConfig(model_dir="", **extra, **paged_cache_options(args))
 
 
 def _generate_from_config(args: argparse.Namespace) -> int:
@@ -170,15 +205,19 @@ def _generate_from_config(args: argparse.Namespace) -> int:
     reject_flags([(args.model_dir, "MODEL_DIR", "load_checkpoint"),
                   (args.device_target, "--device-target", "context.device_target"),
                   (args.data_parallel, "--data-parallel", "parallel.parallel_mode"),
-                  (args.batch_size, "--batch-size", "runner_config.batch_size")])
+                  (args.batch_size, "--batch-size", "runner_config.batch_size"),
+                  (args.max_model_len, "--max-model-len", "model.model_config.seq_length")])
     stem = os.path.splitext(os.path.basename(args.input or ""))[0]
     output = _check_request(args, os.path.join(job.output_dir, f"{stem}.answers.jsonl"))
     from telechat_ms.runtime_env import use_log_dir
     use_log_dir(job.output_dir)
     options = _options(args)
     options.setdefault("seed", job.seed)
+    if job.model_parallel and args.input:
+        return _paged_lockstep(args, job, output, options)
     if job.model_parallel:
         from telechat_ms.parallel.predict import build_model_parallel
+        _refuse_paged_flags(args, "generate --config --prompt of a model-parallel job runs the static-cache lockstep")
         return _lockstep(args, job, build_model_parallel(job, use_jit=not args.no_jit), output, options)
     from telechat_ms.infer.kv_cache import CacheStepper, use_stepper_factory
     from telechat_ms.model.telechat import TeleChatForCausalLM
@@ -186,6 +225,13 @@ def _generate_from_config(args: argparse.Namespace) -> int:
     from telechat_ms.parallel.predict import stepper_factory
     run = setup_context(job.context, job.parallel, job.parallel_config, job.source, job.output_dir)
     model = TeleChatForCausalLM.from_pretrained(job.load_checkpoint, config=job.model_config)
+    if args.input and run.world_size == 1:   # the serving engine: runner_config.batch_size rows of seq_length
+        from telechat_ms.serve.server import paged_stepper_factory
+        tokenizer = _tokenizer(args.tokenizer or job.load_checkpoint, model)
+        paged = dict(settings=_engine_settings(args, job.batch_size), max_model_len=job.model_config.seq_length,
+                     stepper_factory=paged_stepper_factory(model, not args.no_jit, run.jit_config()))
+        return _answer(model, tokenizer, args, output, job.batch_size, options, paged=paged)
+    _refuse_paged_flags(args, "only generate --input in one process runs the serving engine")
     # the job's kv cache, as plan sizes it: runner_config.batch_size rows x seq_length slots, compiled at jit_level
     stepper = CacheStepper(model, job.batch_size, job.model_config.seq_length, use_jit=not args.no_jit)
     stepper.cell.set_jit_config(run.jit_config())
@@ -193,6 +239,28 @@ def _generate_from_config(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args.tokenizer or job.load_checkpoint, model)
     world = (run.rank, run.world_size) if run.world_size > 1 else None
     return _answer(model, tokenizer, args, output, job.batch_size, options, world)
+
+
+def _paged_lockstep(args: argparse.Namespace, job, output: str, options: dict[str, Any]) -> int:
+    """generate --config --input of a model-parallel job: the serving engine on rank 0 over the paged
+    model-parallel step (the cache split by whole kv heads), the other ranks replaying its calls (as serve
+    --config); rank 0 writes the output."""
+    from telechat_ms.parallel.paged_predict import build_model_parallel_paged
+    from telechat_ms.parallel.predict import run_lockstep
+    from telechat_ms.serve.server import fixed_paged_factory, paged_settings
+    settings = _engine_settings(args, job.batch_size)
+    seq = job.model_config.seq_length
+    cache = paged_settings(settings, job.model_config, seq, mp=job.parallel_config.model_parallel)
+    session = build_model_parallel_paged(job, cache["num_blocks"], cache["block_size"], use_jit=not args.no_jit)
+
+    def work(model, leader) -> int:
+        tokenizer = _tokenizer(args.tokenizer or job.load_checkpoint, model)
+        paged = dict(settings=settings, max_model_len=seq, stepper_factory=fixed_paged_factory(leader),
+                     mp=job.parallel_config.model_parallel)
+        return _answer(model, tokenizer, args, output, job.batch_size, options, paged=paged)
+
+    result = run_lockstep(session, work, paged=True)
+    return 0 if result is None else result
 
 
 def _lockstep(args: argparse.Namespace, job, session, output: str | None, options: dict[str, Any]) -> int:
@@ -233,11 +301,16 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="jsonl of answers, one per input line, in input order (with --config default: "
                         "OUTPUT_DIR/<input name>.answers.jsonl)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="prompts generated together (left padding, masked; default 1; with --config: "
-                        "runner_config.batch_size)")
+                   help="sequences decoded together (--input: the engine's rows, default 8 as serve's "
+                        "--max-batch-size; --prompt: 1; with --config: runner_config.batch_size)")
     g.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                    help="malformed lines: report file:line and write an error record (skip) or stop (fail)")
     g.add_argument("--data-parallel", action="store_true",
                    help="under msrun: every worker answers its share of the lines; rank 0 writes --output")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="--input: prompt + answer limit of a line (default: the longest line's prompt + "
+                        "--max-new-tokens; with --config: seq_length); longer lines get an error record")
+    from telechat_ms.commands.serve import add_paged_cache_args
+    add_paged_cache_args(g)   # --input runs serve's engine: the same cache and token-budget flags
     g.set_defaults(func=_generate, overrides=[], takes_overrides=True)

@@ -14,14 +14,6 @@ def _serve(args: argparse.Namespace) -> int:
                       (args.device_target, "--device-target", "context.device_target"),
                       (args.max_batch_size, "--max-batch-size", "runner_config.batch_size"),
                       (args.max_model_len, "--max-model-len", "model.model_config.seq_length")])
-        paged = [flag for flag, value in (("--block-size", args.block_size), ("--num-blocks", args.num_blocks),
-                                          ("--kv-cache-memory-bytes", args.kv_cache_memory_bytes),
-                                          ("--max-num-batched-tokens", args.max_num_batched_tokens),
-                                          ("--no-prefix-caching", args.no_prefix_caching),
-                                          ("--max-decode-slowdown", args.max_decode_slowdown))
-                 if value is not None and value is not False]
-        if paged:  # serve --config still runs the static-cache engine (model-parallel stepper)
-            raise ConfigError(f"{paged[0]} is not used with --config: the paged kv cache serves MODEL_DIR only")
         job = load_predict_job(args.config, args.overrides)
         use_log_dir(job.output_dir)       # before the server's imports bring MindFormers in
     elif args.overrides:
@@ -34,13 +26,36 @@ def _serve(args: argparse.Namespace) -> int:
                       max_batch_size=args.max_batch_size or 8, max_model_len=args.max_model_len,
                       max_queue=args.max_queue, api_key=args.api_key, use_jit=not args.no_jit,
                       warmup=not args.no_warmup, device_target=args.device_target, cpu_threads=args.cpu_threads,
-                      batch_window_ms=args.batch_window_ms, num_blocks=args.num_blocks,
-                      kv_cache_memory_bytes=args.kv_cache_memory_bytes, prefix_caching=not args.no_prefix_caching,
-                      **{key: value for key, value in (("block_size", args.block_size),
-                                                       ("max_num_batched_tokens", args.max_num_batched_tokens),
-                                                       ("max_decode_slowdown", args.max_decode_slowdown))
-                         if value is not None})   # ServeConfig holds their defaults
+                      batch_window_ms=args.batch_window_ms, **paged_cache_options(args))
     return run(cfg) if job is None else run_job(job, cfg)
+
+
+def add_paged_cache_args(p: argparse.ArgumentParser) -> None:
+    """The paged kv cache's flags (serve, serve --config, generate --input): their defaults live in ServeConfig."""
+    p.add_argument("--block-size", type=int, default=None, help="tokens per kv-cache block (default 16)")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="kv-cache blocks (as vLLM's --num-gpu-blocks-override; default: what "
+                        "--kv-cache-memory-bytes holds)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="kv-cache size in bytes (default 1 GiB, never more than --max-batch-size sequences of "
+                        "--max-model-len fill); sequences are admitted while blocks are free")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens one step computes at most: every decoding sequence's next token, then chunks of "
+                        "prompts (a longer prompt is prefilled over several steps; default 512)")
+    p.add_argument("--max-decode-slowdown", type=float, default=None,
+                   help="while sequences decode, a step takes only the prompt chunk it is measured to afford: at "
+                        "most this many times a step of decodes alone (their inter-token latency beside a long "
+                        "prompt); 0: always the whole --max-num-batched-tokens (default 2)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the kv-cache blocks of identical prompt prefixes")
+
+
+def paged_cache_options(args: argparse.Namespace) -> dict:
+    """ServeConfig keyword arguments of the paged-cache flags the user gave (ServeConfig holds the defaults)."""
+    given = {"block_size": args.block_size, "num_blocks": args.num_blocks,
+             "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
+             "max_num_batched_tokens": args.max_num_batched_tokens, "max_decode_slowdown": args.max_decode_slowdown}
+    return {**{k: v for k, v in given.items() if v is not None}, "prefix_caching": not args.no_prefix_caching}
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -55,8 +70,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--config", default=None,
                    help="predict YAML (yaml_configs/<size>/predict_telechat2_<size>.yaml) instead of MODEL_DIR: one "
                         "process, or model parallel under msrun (run_scripts/msrun_predict.sh ... serve), rank 0 "
-                        "serving HTTP; its kv cache is runner_config.batch_size rows x seq_length slots; "
-                        "--key.path=value overrides")
+                        "serving HTTP; the paged engine over runner_config.batch_size sequences of seq_length "
+                        "tokens (the cache flags below size it, per NPU); --key.path=value overrides")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or its directory (default: MODEL_DIR)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -81,20 +96,5 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="an idle engine woken by a request waits up to this long for more, to prefill a burst in "
                         "one step; 0 admits at once (default 0: a request arriving during a step joins the next "
                         "one as a prompt chunk, so waiting only adds to the first token's latency)")
-    p.add_argument("--block-size", type=int, default=None, help="tokens per kv-cache block (default 16)")
-    p.add_argument("--num-blocks", type=int, default=None,
-                   help="kv-cache blocks (as vLLM's --num-gpu-blocks-override; default: what "
-                        "--kv-cache-memory-bytes holds)")
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
-                   help="kv-cache size in bytes (default 1 GiB, never more than --max-batch-size sequences of "
-                        "--max-model-len fill); sequences are admitted while blocks are free")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens one step computes at most: every decoding sequence's next token, then chunks of "
-                        "prompts (a longer prompt is prefilled over several steps; default 512)")
-    p.add_argument("--max-decode-slowdown", type=float, default=None,
-                   help="while sequences decode, a step takes only the prompt chunk it is measured to afford: at "
-                        "most this many times a step of decodes alone (their inter-token latency beside a long "
-                        "prompt); 0: always the whole --max-num-batched-tokens (default 2)")
-    p.add_argument("--no-prefix-caching", action="store_true",
-                   help="do not reuse the kv-cache blocks of identical prompt prefixes")
+    add_paged_cache_args(p)
     p.set_defaults(func=_serve, overrides=[], takes_overrides=True)

@@ -29,10 +29,13 @@ NULL_BLOCK = 0          # never allocated: padding writes go here, past-the-end 
 class PagedKVCache(nn.Cell):
     """Key and value slots of every layer, [num_blocks * block_size, K, d] each; not model parameters."""
 
-    def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_kv: int, head_dim: int, dtype: str):
+    def __init__(self, n_layer: int, num_blocks: int, block_size: int, n_kv: int, head_dim: int, dtype: str,
+                 blocked: bool = False):
         super().__init__(auto_prefix=False)
         # initializer: no host copy of the zeros (a numpy array per Parameter was measured to cost 1.7x the cache)
-        shape, ms_type = (num_blocks * block_size, n_kv, head_dim), ms_dtype(dtype)
+        # blocked: [num_blocks, block_size, K, d], the Ascend kernels' layout (the same slots, block-major)
+        shape = (num_blocks, block_size, n_kv, head_dim) if blocked else (num_blocks * block_size, n_kv, head_dim)
+        ms_type = ms_dtype(dtype)
         self.k = ParameterTuple([Parameter(initializer("zeros", shape, ms_type), name=f"paged_cache.key.{i}",
                                            requires_grad=False) for i in range(n_layer)])
         self.v = ParameterTuple([Parameter(initializer("zeros", shape, ms_type), name=f"paged_cache.value.{i}",
@@ -62,16 +65,29 @@ class JitPagedStep(PagedStep):
                                      block_table, last_index)
 
 
-class PagedStepper:
-    """The compiled paged step of one model over `num_blocks` blocks of `block_size` slots (block 0: null)."""
+def kernels_for_device() -> bool:
+    """Whether the paged step takes Ascend's ReshapeAndCache / PagedAttention kernels: on device_target Ascend."""
+    return ms.get_context("device_target") == "Ascend"
 
-    def __init__(self, model, num_blocks: int, block_size: int, use_jit: bool = True):
+
+class PagedStepper:
+    """The compiled paged step of one model over `num_blocks` blocks of `block_size` slots (block 0: null).
+
+    kernels (default: on device_target Ascend, kernels_for_device): the caches in the kernels' block-major layout,
+    writes through ReshapeAndCache and decode attention through PagedAttention (TeleChatAttention._paged_kernels);
+    the scheduler's slots and block tables are the same. Written for Ascend and never run there: on CPU the
+    kernels have no implementation and the same wiring is checked with numpy stand-ins (tests)."""
+
+    def __init__(self, model, num_blocks: int, block_size: int, use_jit: bool = True, kernels: bool | None = None):
         if num_blocks < 2:
             raise ValueError(f"a paged cache needs >= 2 blocks (block 0 is the null block), got {num_blocks}")
         cfg = model.config
         self.cfg, self.num_blocks, self.block_size = cfg, int(num_blocks), int(block_size)
+        self.kernels = kernels_for_device() if kernels is None else bool(kernels)
+        for layer in model.model.layers:
+            layer.attention.paged_kernels = self.kernels
         self.cache = PagedKVCache(cfg.n_layer, self.num_blocks, self.block_size, cfg.num_key_value_heads,
-                                  cfg.head_dim, cfg.compute_dtype)
+                                  cfg.head_dim, cfg.compute_dtype, blocked=self.kernels)
         self.cell = (JitPagedStep if use_jit else PagedStep)(model, self.cache.k, self.cache.v)
         self.shapes: set[tuple[int, int, int]] = set()   # (rows, width, context blocks) run so far
 
@@ -80,13 +96,21 @@ class PagedStepper:
         """Write ids [R, n] at slots [R, n] (rotary positions [R, n], each token's NTK total [R, n]); row r
         attends over the blocks block_tables[r] [nb] up to each query's position. fp32 logits [R, V] of column
         `last`."""
+        return self._call(ids, positions, totals, slots, block_tables, np.array([last], np.int32))[:, 0]
+
+    def step_columns(self, ids: np.ndarray, positions: np.ndarray, totals: np.ndarray, slots: np.ndarray,
+                     block_tables: np.ndarray) -> np.ndarray:
+        """step() returning the logits of every column, [R, n, V] (prompt scoring: log-probs of each token)."""
+        return self._call(ids, positions, totals, slots, block_tables, np.arange(np.shape(ids)[1], dtype=np.int32))
+
+    def _call(self, ids, positions, totals, slots, block_tables, last_index: np.ndarray) -> np.ndarray:
         tables = np.asarray(block_tables, np.int32)
         bsz = self.block_size
         ctx_slots = (tables[:, :, None] * bsz + np.arange(bsz, dtype=np.int32)).reshape(tables.shape[0], -1)
         inp = paged_inputs(self.cfg, positions, totals, ctx_slots.shape[1])
         self.shapes.add((ids.shape[0], ids.shape[1], tables.shape[1]))
+        ctx = tables if self.kernels else ctx_slots      # the kernels read block tables, the gather path slots
         logits = self.cell(Tensor(np.asarray(ids, np.int32)), Tensor(inp.cos), Tensor(inp.sin), Tensor(inp.mask),
-                           Tensor(np.asarray(slots, np.int32).reshape(-1)), Tensor(ctx_slots),
-                           Tensor(np.array([last], np.int32)))
-        return logits.asnumpy()[:, 0]
+                           Tensor(np.asarray(slots, np.int32).reshape(-1)), Tensor(ctx), Tensor(last_index))
+        return logits.asnumpy()
 

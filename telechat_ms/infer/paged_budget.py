@@ -18,13 +18,13 @@ ATTN_CONTEXT = 4096   # a prefill chunk's width x gathered context stays within 
 
 
 def plan_num_blocks(cfg, max_model_len: int, max_batch_size: int, block_size: int, num_blocks: int | None = None,
-                    memory_bytes: int | None = None) -> int:
+                    memory_bytes: int | None = None, mp: int = 1) -> int:
     """Blocks of the cache (the null block included): `num_blocks` as given, else what `memory_bytes` (default
-    DEFAULT_KV_CACHE_BYTES) holds, never more than max_batch_size full-length sequences use. Independent of
-    max_model_len once the budget binds."""
+    DEFAULT_KV_CACHE_BYTES; on each of mp NPUs, which hold 1/mp of every block) holds, never more than
+    max_batch_size full-length sequences use. Independent of max_model_len once the budget binds."""
     if num_blocks is not None:
         return int(num_blocks)
-    per_block = kv_bytes_per_token(cfg) * block_size
+    per_block = kv_bytes_per_token(cfg, mp) * block_size
     budget = DEFAULT_KV_CACHE_BYTES if memory_bytes is None else int(memory_bytes)
     every_row_full = max_batch_size * -(-max_model_len // block_size) + 1
     return int(min(every_row_full, budget // per_block))

@@ -132,6 +132,17 @@ class TeleChatAttention(nn.Cell):
         self.paged_gather_v = P.Gather()
         self.paged_transpose_k = P.Transpose()
         self.paged_transpose_v = P.Transpose()
+        # Ascend paged-attention kernels (PagedStepper(kernels=True), the layout MindFormers' PagedAttentionMgr uses:
+        # caches [num_blocks, block_size, K, d]): ReshapeAndCache writes the new keys and values at their slots,
+        # PagedAttention attends a decode call over each row's blocks (its context length counted from the mask);
+        # prefill chunks gather their rows' blocks and take the grouped attention. Off: the gather path above.
+        self.paged_kernels = False
+        self.reshape_and_cache = ms.ops.auto_generate.ReshapeAndCache()
+        self.paged_attention = ms.ops.auto_generate.PagedAttention(self.n_head, self.scale, self.n_kv)
+        self.paged_depend = P.Depend()
+        self.paged_visible = P.ReduceSum()
+        self.paged_lens = P.Sub()
+        self.paged_lens_cast = P.Cast()
 
     def _repeat_kv(self, x, bs, seq):
         """[B, K, S, d] -> [B, K*n_rep, S, d]: query head j reads kv head j // n_rep."""
@@ -206,6 +217,8 @@ class TeleChatAttention(nn.Cell):
         context index (the row's blocks expanded to their slots: the gather reads the cache Parameter as it is, a
         reshape of it into blocks was measured to copy it).
         """
+        if self.paged_kernels:
+            return self._paged_kernels(x, cos, sin, attn_mask, k_cache, v_cache, write_slots, ctx_slots)
         bs, seq, _ = x.shape
         q = self.reshape(self.wq(x), (bs, seq, self.n_head, self.head_dim))
         kv = self.reshape(self.wk_v(x), (bs, seq, self.n_kv, 2 * self.head_dim))
@@ -220,6 +233,34 @@ class TeleChatAttention(nn.Cell):
         ctx_k = self.paged_transpose_k(ctx_k, (0, 2, 1, 3))
         ctx_v = self.paged_transpose_v(ctx_v, (0, 2, 1, 3))
         out = self._grouped_attention(q, ctx_k, ctx_v, attn_mask)
+        out = self.reshape(self.transpose_out(out, (0, 2, 1, 3)), (bs, seq, self.hidden))
+        return self.wo(out)
+
+    def _paged_kernels(self, x, cos, sin, attn_mask, k_cache, v_cache, write_slots, block_tables):
+        """construct_paged on Ascend's kernels: caches [num_blocks, block_size, K, d], block_tables int32 [R, nb]
+        (not slots); attn_mask [R, 1, n, nb * block_size] as on the gather path."""
+        bs, seq, _ = x.shape
+        q = self.reshape(self.wq(x), (bs, seq, self.n_head, self.head_dim))
+        kv = self.reshape(self.wk_v(x), (bs, seq, self.n_kv, 2 * self.head_dim))
+        k, v = self.split_kv(kv)
+        q = self.rotary(q, cos, sin)                                          # [R, n, N, d]
+        kv_hidden = self.n_kv * self.head_dim
+        k = self.reshape(self.cast(self.rotary(k, cos, sin), k_cache.dtype), (bs, seq, kv_hidden))
+        v = self.reshape(self.cast(v, v_cache.dtype), (bs, seq, kv_hidden))
+        written = self.reshape_and_cache(k, v, k_cache, v_cache, write_slots)
+        q = self.paged_depend(q, written)
+        ctx = attn_mask.shape[-1]
+        if seq == 1:   # decode: the fused kernel over each row's blocks, context length = the visible slots
+            hidden = self.paged_visible(self.cast(self.reshape(attn_mask, (bs, ctx)), ms.float32), -1)
+            lens = self.paged_lens_cast(self.paged_lens(float(ctx), hidden), ms.int32)
+            out = self.paged_attention(self.reshape(self.cast(q, k_cache.dtype), (bs, 1, self.hidden)), k_cache,
+                                       v_cache, block_tables, lens)
+            return self.wo(self.reshape(out, (bs, 1, self.hidden)))
+        q = self.transpose_q(q, (0, 2, 1, 3))                                 # [R, N, n, d]
+        ctx_k = self.reshape(self.paged_gather_k(k_cache, block_tables, 0), (bs, ctx, self.n_kv, self.head_dim))
+        ctx_v = self.reshape(self.paged_gather_v(v_cache, block_tables, 0), (bs, ctx, self.n_kv, self.head_dim))
+        out = self._grouped_attention(q, self.paged_transpose_k(ctx_k, (0, 2, 1, 3)),
+                                      self.paged_transpose_v(ctx_v, (0, 2, 1, 3)), attn_mask)
         out = self.reshape(self.transpose_out(out, (0, 2, 1, 3)), (bs, seq, self.hidden))
         return self.wo(out)
 

@@ -8,8 +8,11 @@ stepper interface `step(ids, positions, totals, slots, first_slot, last) -> logi
 broadcast steps on the other ranks. Rank 0 samples from its logits (seeded); the chosen tokens reach the other
 ranks as the next step's ids, so every rank computes with the same tokens. Rank 0 owns the output file / port.
 
-Wire format (int32, MindSpore Broadcast from rank 0): a header [op, B, n, last], then for a step one payload of
-ids, positions, slots ([B, n] each, row-major), totals and first_slot ([B] each).
+Wire format (int32, MindSpore Broadcast from rank 0): a header [op, B, n, last, nb], then for a step one payload
+of ids, positions, slots ([B, n] each, row-major), totals and first_slot ([B] each); for a paged call
+(PagedLeaderStepper: the PagedEngine's stepper interface `step(ids, positions, totals, slots, block_tables, last)`)
+ids, positions, totals, slots ([R, n] each) and the block tables [R, nb]; last -1: the logits of every column
+(`step_columns`, prompt scoring).
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-OP_STOP, OP_STEP, OP_KEEPALIVE = 0, 1, 2
-HEADER = 4
+OP_STOP, OP_STEP, OP_KEEPALIVE, OP_PAGED = 0, 1, 2, 3
+HEADER = 5
 
 
 class Channel(Protocol):
@@ -76,7 +79,7 @@ class LeaderStepper:
         if check is not None:          # a step the stepper refuses is refused here, before any rank runs it
             check(ids, slots, int(last))
         batch, n = ids.shape
-        self.channel.send(np.array([OP_STEP, batch, n, int(last)]))
+        self.channel.send(np.array([OP_STEP, batch, n, int(last), 0]))
         self.channel.send(_payload(ids, positions, slots, totals, first_slot))
         return self.inner.step(ids, positions, totals, slots, first_slot, last)
 
@@ -84,13 +87,50 @@ class LeaderStepper:
         """Wake the followers without a step (an idle server calls this within the collective timeout, e.g.
         HCCL_EXEC_TIMEOUT on Ascend, so the followers' pending broadcast does not time out)."""
         if not self.stopped:
-            self.channel.send(np.array([OP_KEEPALIVE, 0, 0, 0]))
+            self.channel.send(np.array([OP_KEEPALIVE, 0, 0, 0, 0]))
 
     def stop(self) -> None:
         """Release the followers (idempotent)."""
         if not self.stopped:
             self.stopped = True
-            self.channel.send(np.array([OP_STOP, 0, 0, 0]))
+            self.channel.send(np.array([OP_STOP, 0, 0, 0, 0]))
+
+
+def _unpack_paged(payload: np.ndarray, rows: int, n: int, nb: int) -> tuple[np.ndarray, ...]:
+    m = rows * n
+    ids, positions, totals, slots = (payload[i * m:(i + 1) * m].reshape(rows, n) for i in range(4))
+    tables = payload[4 * m:].reshape(rows, nb)
+    return ids.astype(np.int32), positions.astype(np.int64), totals.astype(np.int64), slots.astype(np.int64), \
+        tables.astype(np.int32)
+
+
+class PagedLeaderStepper(LeaderStepper):
+    """Rank 0's paged stepper (the PagedEngine's interface): broadcasts each call's host inputs, then runs it."""
+
+    def __init__(self, inner, channel: Channel):
+        self.inner, self.channel, self.cfg = inner, channel, inner.cfg
+        self.num_blocks, self.block_size, self.shapes = inner.num_blocks, inner.block_size, inner.shapes
+        self.stopped = False
+
+    def _send(self, ids, positions, totals, slots, block_tables, last: int) -> None:
+        if self.stopped:
+            raise RuntimeError("the followers were told to stop; no further step can run")
+        ids, tables = np.asarray(ids), np.asarray(block_tables)
+        check = getattr(self.inner, "check", None)
+        if check is not None:          # a call the stepper refuses is refused here, before any rank runs it
+            check(ids, slots, tables, int(last))
+        rows, n = ids.shape
+        self.channel.send(np.array([OP_PAGED, rows, n, int(last), tables.shape[1]]))
+        self.channel.send(np.concatenate([np.asarray(a, np.int64).ravel()
+                                          for a in (ids, positions, totals, slots, tables)]))
+
+    def step(self, ids, positions, totals, slots, block_tables, last: int) -> np.ndarray:
+        self._send(ids, positions, totals, slots, block_tables, last)
+        return self.inner.step(ids, positions, totals, slots, block_tables, last)
+
+    def step_columns(self, ids, positions, totals, slots, block_tables) -> np.ndarray:
+        self._send(ids, positions, totals, slots, block_tables, -1)
+        return self.inner.step_columns(ids, positions, totals, slots, block_tables)
 
 
 def follow(inner, channel: Channel, on_step: Callable[[tuple, np.ndarray], None] | None = None) -> int:
@@ -100,22 +140,28 @@ def follow(inner, channel: Channel, on_step: Callable[[tuple, np.ndarray], None]
     """
     steps = 0
     while True:
-        op, batch, n, last = (int(v) for v in channel.recv((HEADER,)))
+        op, batch, n, last, nb = (int(v) for v in channel.recv((HEADER,)))
         if op == OP_STOP:
             return steps
         if op == OP_KEEPALIVE:
             continue
-        if op != OP_STEP:
+        if op == OP_PAGED:
+            inputs = _unpack_paged(channel.recv((4 * batch * n + batch * nb,)), batch, n, nb)
+            logits = inner.step_columns(*inputs) if last == -1 else inner.step(*inputs, last)
+            inputs = inputs + (last,)
+        elif op == OP_STEP:
+            ids, positions, slots, totals, first_slot = _unpack(channel.recv((3 * batch * n + 2 * batch,)), batch, n)
+            inputs = (ids, positions, totals, slots, first_slot, last)
+            logits = inner.step(*inputs)
+        else:
             raise RuntimeError(f"lockstep: unknown op {op} from rank 0")
-        ids, positions, slots, totals, first_slot = _unpack(channel.recv((3 * batch * n + 2 * batch,)), batch, n)
-        logits = inner.step(ids, positions, totals, slots, first_slot, last)
         steps += 1
         if on_step is not None:
-            on_step((ids, positions, totals, slots, first_slot, last), logits)
+            on_step(inputs, logits)
 
 
 def lead_or_follow(rank: int, inner, channel: Channel, work: Callable[[LeaderStepper], Any],
-                   on_step: Callable[[tuple, np.ndarray], None] | None = None) -> Any:
+                   on_step: Callable[[tuple, np.ndarray], None] | None = None, leader_cls=LeaderStepper) -> Any:
     """Rank 0 runs work(leader) and then releases the followers (also when work fails); the other ranks follow.
 
     Returns work's result on rank 0 and None elsewhere.
@@ -123,7 +169,7 @@ def lead_or_follow(rank: int, inner, channel: Channel, work: Callable[[LeaderSte
     if rank != 0:
         follow(inner, channel, on_step)
         return None
-    leader = LeaderStepper(inner, channel)
+    leader = leader_cls(inner, channel)
     try:
         return work(leader)
     finally:

@@ -16,8 +16,8 @@ from telechat_ms.config import TeleChatConfig
 from telechat_ms.errors import ConfigError
 from telechat_ms.job_config import ModelSection, ParallelConfig, ParallelContext, RecomputeConfig
 from telechat_ms.parallel.layout import ParallelDims, StageLayout, check_layout, per_stage_layers, stage_layout
-from telechat_ms.parallel.strategies import (Shard, apply_strategies, moe_groups, parameter_splits,
-                                             predict_strategy_table, strategy_table)
+from telechat_ms.parallel.strategies import (Shard, apply_strategies, moe_groups, paged_predict_strategy_table,
+                                             parameter_splits, predict_strategy_table, strategy_table)
 
 # Primitives recomputed by selective recompute (MindFormers' default patterns feed_forward.mul and the
 # SiLU, plus the attention-score ops when flash attention is off).
@@ -180,18 +180,22 @@ def predict_layout(cfg: TeleChatConfig, pc: ParallelConfig, source: str = "") ->
     return dims
 
 
-def parallelize_predict(model, pc: ParallelConfig, source: str = "") -> AppliedPredict:
+def parallelize_predict(model, pc: ParallelConfig, source: str = "", paged: bool = False,
+                        kernels: bool = False) -> AppliedPredict:
     """Apply the predict strategies to `model` (a TeleChatForCausalLM built under the semi-auto context).
 
     Shards every primitive of the cached prefill and decode graphs, and switches the attention's cache write to
-    the shardable ScatterNdAdd (the stepper of telechat_ms.parallel.predict zeroes the slots it writes).
+    the shardable ScatterNdAdd (the stepper of telechat_ms.parallel.predict zeroes the slots it writes). paged:
+    the paged step's table instead (telechat_ms.parallel.paged_predict; its ScatterUpdate write splits as it is);
+    kernels: that table for Ascend's paged-attention kernels.
     """
     cfg = model.config
     dims = predict_layout(cfg, pc, source)
     fused = not getattr(model.model.norm_out, "self_define", True)
-    table = predict_strategy_table(cfg, dims, fused_norm=fused)
+    table = paged_predict_strategy_table(cfg, dims, fused_norm=fused, kernels=kernels) if paged else \
+        predict_strategy_table(cfg, dims, fused_norm=fused)
     apply_strategies(model, table)
     for layer in model.model.layers:
-        layer.attention.cache_write_by_add = True
+        layer.attention.cache_write_by_add = not paged
     splits = parameter_splits([p.name for p in model.get_parameters() if p.requires_grad], table)  # not MoE stats
     return AppliedPredict(dims=dims, table=table, param_splits=splits)

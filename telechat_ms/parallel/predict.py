@@ -275,14 +275,16 @@ def build_model_parallel(job, use_jit: bool = True) -> ModelParallelSession:
     return ModelParallelSession(model, stepper, run.rank, run.world_size)
 
 
-def run_lockstep(session: ModelParallelSession, work: Callable, channel=None):
+def run_lockstep(session: ModelParallelSession, work: Callable, channel=None, paged: bool = False):
     """Run work(model, stepper) on rank 0 with a stepper that broadcasts every step, while the other ranks replay
     them; returns work's result on rank 0 (None elsewhere). This is how `generate --config` runs, and how a serving
     engine plugs in: its rank-0 process (HTTP port included) calls work with the leader as its stepper (or
-    `stepper_factory(leader)` for DecodeSession-based code) and calls leader.keepalive() while idle."""
-    from telechat_ms.parallel.lockstep import BroadcastChannel, lead_or_follow
+    `stepper_factory(leader)` for DecodeSession-based code) and calls leader.keepalive() while idle. paged: the
+    session's stepper is a paged one (parallel.paged_predict), led by a PagedLeaderStepper."""
+    from telechat_ms.parallel.lockstep import BroadcastChannel, LeaderStepper, PagedLeaderStepper, lead_or_follow
     return lead_or_follow(session.rank, session.stepper, channel or BroadcastChannel(),
-                          lambda leader: work(session.model, leader))
+                          lambda leader: work(session.model, leader),
+                          leader_cls=PagedLeaderStepper if paged else LeaderStepper)
 
 
 def strategies_of(stepper: ModelParallelStepper) -> dict[str, Shard]:

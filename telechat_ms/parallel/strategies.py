@@ -267,6 +267,70 @@ def predict_strategy_table(cfg: TeleChatConfig, dims: ParallelDims,
     return table
 
 
+# What the cached step runs and the paged one does not: the static cache's write, the k / v head transposes (the
+# paged step writes [R * n, K, d] rows), flash attention over the repeated cache (the paged step attends over the
+# gathered blocks with the grouped attention, prefill too).
+_STATIC_ONLY = ("attention.cache_add", "attention.write_slot", "attention.not_scratch", "attention.write_cast",
+                "attention.write_mul_k", "attention.write_mul_v", "attention.transpose_k", "attention.transpose_v",
+                "attention.flash_attention.flash_attention", "attention.tile_kv")
+
+
+def paged_predict_layer_strategies(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool | None = None,
+                                   kernels: bool = False) -> dict[str, Shard]:
+    """Strategies of one decoder layer in the paged step (construct_paged), keyed relative to the layer.
+
+    The paged caches [num_blocks * block_size, K, d] are split by whole kv heads (dimension 1), as the static ones:
+    the write is a ScatterUpdate of whole slots (MindSpore splits its input and updates on the dimensions the
+    indices do not address; indices and the slot dimension stay whole), the read a Gather of each row's slots
+    ([R, C, K, d], the kv heads still split), transposed to [R, K, C, d] for the grouped attention the cached step
+    uses. Rotary runs on [R, n, heads, d] here (before the head transpose): heads split by mp, its tables [R, n, 1,
+    d] whole. kernels (Ascend): caches [num_blocks, block_size, K, d] split on K, ReshapeAndCache and PagedAttention
+    with MindFormers' PagedAttentionMgr strategies ([R, n, K*d] / [R, 1, H] inputs split on their last axis), the
+    prefill chunks' Gather by block.
+    """
+    dims = predict_dims(dims)
+    dp, mp = dims.dp, dims.mp
+    t = {k: v for k, v in predict_layer_strategies(cfg, dims, fused_norm).items()
+         if k not in _STATIC_ONLY and not k.startswith("attention.rotary.")}
+    rows, table = (dp, 1, mp, 1), (dp, 1, 1, 1)     # [R, n, heads, d], cos / sin [R, n, 1, d]
+    t.update({
+        "attention.rotary.split": Shard((rows,)),
+        "attention.rotary.neg": Shard((rows,)),
+        "attention.rotary.concat": Shard((rows, rows)),
+        "attention.rotary.mul_cos": Shard((rows, table)),
+        "attention.rotary.mul_sin": Shard((rows, table)),
+        "attention.rotary.add": Shard((rows, rows)),
+        "attention.paged_write_k": Shard(((1, mp, 1), (1,), (1, mp, 1))),
+        "attention.paged_write_v": Shard(((1, mp, 1), (1,), (1, mp, 1))),
+        "attention.paged_gather_k": Shard(((1, mp, 1), (1, 1))),
+        "attention.paged_gather_v": Shard(((1, mp, 1), (1, 1))),
+        "attention.paged_transpose_k": Shard(((dp, 1, mp, 1),)),
+        "attention.paged_transpose_v": Shard(((dp, 1, mp, 1),)),
+    })
+    if kernels:
+        cache = (1, 1, mp, 1)
+        del t["attention.paged_write_k"], t["attention.paged_write_v"]
+        t.update({
+            "attention.reshape_and_cache": Shard(((dp, 1, mp), (dp, 1, mp), cache, cache, (1,))),
+            "attention.paged_attention": Shard(((dp, 1, mp), cache, cache, (dp, 1), (dp,))),
+            "attention.paged_visible": Shard(((dp, 1),)),
+            "attention.paged_lens": Shard(((), (dp,))),
+            "attention.paged_gather_k": Shard((cache, (1, 1))),
+            "attention.paged_gather_v": Shard((cache, (1, 1))),
+        })
+    return t
+
+
+def paged_predict_strategy_table(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool | None = None,
+                                 kernels: bool = False) -> dict[str, Shard]:
+    """The paged step's table (serving over the paged kv cache): primitive path -> Shard, every layer expanded."""
+    table = predict_model_strategies(cfg, dims, fused_norm)
+    per_layer = paged_predict_layer_strategies(cfg, dims, fused_norm, kernels)
+    for i in range(cfg.n_layer):
+        table.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+    return table
+
+
 def cache_clear_strategies(dims: ParallelDims) -> dict[str, Shard]:
     """The stepper's slot-clearing step: cache [B, K, L, d] times keep [B, 1, L, 1], assigned back in place."""
     kv = (dims.dp, dims.mp, 1, 1)

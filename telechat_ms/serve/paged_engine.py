@@ -275,6 +275,16 @@ class PagedEngine(Engine):
         self._set_running()
         self.metrics.preemptions.inc()
 
+    def _score(self, job) -> None:
+        """A scoring job through the engine's own blocks (serve.paged_score.PagedScorer) waits, first in line, while
+        running sequences hold the blocks its prompt needs."""
+        need = getattr(self.scorer, "blocks_needed", None)
+        if need is not None and not job.cancelled and need(job.ids) > self.blocks.num_free \
+                and any(r is not None for r in self.rows):
+            self.scores.appendleft(job)
+            return
+        super()._score(job)
+
     # ------------------------------------------------------------------ scheduling
     def _iteration(self) -> None:
         self._reap()

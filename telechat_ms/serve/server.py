@@ -1,4 +1,4 @@
-"""Putting a server together: load the model and tokenizer once, start the engine over a local CacheStepper, build
+"""Putting a server together: load the model and tokenizer once, start the engine over a local paged stepper, build
 the app, run it under uvicorn (in the foreground for `telechat-ms serve`, or in a thread for tests and benchmarks).
 """
 from __future__ import annotations
@@ -57,12 +57,16 @@ def local_stepper_factory(model, use_jit: bool = True) -> StepperFactory:
     return make
 
 
-def paged_stepper_factory(model, use_jit: bool = True):
-    """PagedEngine stepper factory over this process's model (telechat_ms.infer.paged.PagedStepper)."""
+def paged_stepper_factory(model, use_jit: bool = True, jit_config=None):
+    """PagedEngine stepper factory over this process's model (telechat_ms.infer.paged.PagedStepper); jit_config: a
+    predict job's (its context.jit_level)."""
     from telechat_ms.infer.paged import PagedStepper
 
     def make(num_blocks: int, block_size: int) -> PagedStepper:
-        return PagedStepper(model, num_blocks, block_size, use_jit)
+        stepper = PagedStepper(model, num_blocks, block_size, use_jit)
+        if jit_config is not None:
+            stepper.cell.set_jit_config(jit_config)
+        return stepper
     return make
 
 
@@ -88,16 +92,21 @@ def set_runtime(device_target: str | None, cpu_threads: int | None) -> None:
 
 
 def start_state(cfg: ServeConfig, model, checkpoint: str, factory: StepperFactory, max_model_len: int,
-                max_batch_size: int, scorer: Scorer | None, on_idle=None, paged: dict | None = None) -> ServeState:
+                max_batch_size: int, scorer: Scorer | None, on_idle=None, paged: dict | None = None,
+                engine_scorer: bool = False) -> ServeState:
     """The tokenizer (checked against the model), the engine over `factory` (started: compiling its graphs when
     warmup is on) and the served state, for a model loaded from `checkpoint`. `paged`: the PagedEngine's cache
-    and budget settings (factory then makes PagedSteppers); None: the static-cache Engine."""
+    and budget settings (factory then makes PagedSteppers); None: the static-cache Engine. engine_scorer: prompt
+    log-probs through the paged engine's stepper (serve.paged_score), where no full forward is compiled."""
     from telechat_ms.data.tokenizer import TeleChatTokenizer
     tokenizer = TeleChatTokenizer.for_model(cfg.tokenizer or checkpoint, model.config.vocab_size)
     cls, extra = (Engine, {}) if paged is None else (PagedEngine, paged)
     engine = cls(factory, tokenizer, tokenizer.vocab_size, max_model_len, max_batch_size=max_batch_size,
                  max_queue=cfg.max_queue, scorer=scorer, pad_token_id=model.config.pad_token_id,
                  warmup=cfg.warmup, batch_window=cfg.batch_window_ms / 1000.0, on_idle=on_idle, **extra)
+    if engine_scorer:
+        from telechat_ms.serve.paged_score import PagedScorer
+        engine.scorer = PagedScorer(engine)
     engine.start()
     return ServeState(engine, tokenizer, cfg.served_model_name or checkpoint,
                       GenerationConfig.from_pretrained(checkpoint), checkpoint, cfg.api_key)
@@ -119,16 +128,17 @@ def build_state(cfg: ServeConfig) -> ServeState:
                                                                                            max_model_len))
 
 
-def paged_settings(cfg: ServeConfig, model_config, max_model_len: int) -> dict:
+def paged_settings(cfg: ServeConfig, model_config, max_model_len: int, mp: int = 1) -> dict:
     """The PagedEngine's keyword arguments from the serve options (the cache's block count from --num-blocks or
-    --kv-cache-memory-bytes, telechat_ms.infer.paged.plan_num_blocks)."""
+    --kv-cache-memory-bytes, telechat_ms.infer.paged.plan_num_blocks; mp > 1: the budget is per device, each
+    holding 1/mp of every block's kv heads)."""
     from telechat_ms.infer.paged import plan_num_blocks
     for name, value in (("--block-size", cfg.block_size), ("--max-num-batched-tokens", cfg.max_num_batched_tokens),
                         ("--num-blocks", cfg.num_blocks), ("--kv-cache-memory-bytes", cfg.kv_cache_memory_bytes)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     num_blocks = plan_num_blocks(model_config, max_model_len, cfg.max_batch_size, cfg.block_size, cfg.num_blocks,
-                                 cfg.kv_cache_memory_bytes)
+                                 cfg.kv_cache_memory_bytes, mp=mp)
     return dict(num_blocks=num_blocks, block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
                 prefix_caching=cfg.prefix_caching, max_decode_slowdown=cfg.max_decode_slowdown)
 
@@ -241,34 +251,33 @@ def fixed_stepper_factory(stepper) -> StepperFactory:
     return make
 
 
-def job_state(job, cfg: ServeConfig, model, stepper, scorer: Scorer | None,
-              on_idle=None) -> ServeState:
-    """Engine + state over a predict job's stepper: its rows are runner_config.batch_size, its kv cache
-    model.model_config.seq_length slots (the last one the scratch slot), so a request's prompt + answer may take
-    seq_length - 1 tokens."""
-    return start_state(cfg, model, job.load_checkpoint, fixed_stepper_factory(stepper), stepper.max_len - 1,
-                       stepper.batch, scorer, on_idle=on_idle)
-
-
 def run_job(job, cfg: ServeConfig) -> int:
-    """`telechat-ms serve --config PREDICT.yaml`: one process, or model parallel under msrun, where rank 0 owns the
-    HTTP port and its engine drives every rank in lockstep (the others replay its steps; while idle it keeps them
-    alive). Prompt log-probs need the full forward, which the model-parallel build does not compile: there
-    /v1/completions with echo + logprobs answers 400."""
+    """`telechat-ms serve --config PREDICT.yaml`: the PagedEngine over runner_config.batch_size rows of seq_length
+    tokens (the paged-cache flags size its cache; on mp NPUs --kv-cache-memory-bytes is per NPU), in one process,
+    or model parallel under msrun, where rank 0 owns the HTTP port and its engine drives every rank in lockstep
+    (the others replay its paged calls; while idle it keeps them alive). Under model parallel the full forward is
+    not compiled: prompt log-probs (echo + logprobs) go through the paged step (serve.paged_score)."""
+    import dataclasses
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if job.parallel.parallel_mode == "data_parallel":
         raise ConfigError(f"{job.source}: parallel.parallel_mode data_parallel: serve one replica per device "
                           "(one stand_alone serve each, behind a load balancer); one server cannot own several")
+    cfg = dataclasses.replace(cfg, max_batch_size=job.batch_size)
+    max_model_len = job.model_config.seq_length
+    mp = job.parallel_config.model_parallel if job.model_parallel else 1
+    paged = paged_settings(cfg, job.model_config, max_model_len, mp=mp)
     if job.model_parallel:
-        from telechat_ms.parallel.predict import build_model_parallel, run_lockstep
-        session = build_model_parallel(job, use_jit=cfg.use_jit)
+        from telechat_ms.parallel.paged_predict import build_model_parallel_paged
+        from telechat_ms.parallel.predict import run_lockstep
+        session = build_model_parallel_paged(job, paged["num_blocks"], paged["block_size"], use_jit=cfg.use_jit)
 
         def work(model, leader) -> int:
             sock = _bind(cfg.host, cfg.port)
-            return _serve_forever(job_state(job, cfg, model, leader, None, on_idle=leader.keepalive), sock, cfg)
-        result = run_lockstep(session, work)
+            state = start_state(cfg, model, job.load_checkpoint, fixed_paged_factory(leader), max_model_len,
+                                job.batch_size, None, on_idle=leader.keepalive, paged=paged, engine_scorer=True)
+            return _serve_forever(state, sock, cfg)
+        result = run_lockstep(session, work, paged=True)
         return 0 if result is None else result
-    from telechat_ms.infer.kv_cache import CacheStepper
     from telechat_ms.model.telechat import TeleChatForCausalLM
     from telechat_ms.parallel.context import setup_context
     sock = _bind(cfg.host, cfg.port)
@@ -276,6 +285,18 @@ def run_job(job, cfg: ServeConfig) -> int:
     set_runtime(None, cfg.cpu_threads)
     print(f"telechat-ms serve: loading {job.load_checkpoint} ({job.source}) ...", file=sys.stderr, flush=True)
     model = TeleChatForCausalLM.from_pretrained(job.load_checkpoint, config=job.model_config)
-    stepper = CacheStepper(model, job.batch_size, job.model_config.seq_length, use_jit=cfg.use_jit)
-    stepper.cell.set_jit_config(run_ctx.jit_config())
-    return _serve_forever(job_state(job, cfg, model, stepper, full_forward_scorer(model)), sock, cfg)
+    state = start_state(cfg, model, job.load_checkpoint, paged_stepper_factory(model, cfg.use_jit,
+                                                                               run_ctx.jit_config()),
+                        max_model_len, job.batch_size, full_forward_scorer(model), paged=paged)
+    return _serve_forever(state, sock, cfg)
+
+
+def fixed_paged_factory(stepper):
+    """A PagedEngine factory handing out one paged stepper built beforehand (a model-parallel job's, whose cache
+    was laid out before the weights were loaded): the engine must ask for exactly its blocks."""
+    def make(num_blocks: int, block_size: int):
+        if (num_blocks, block_size) != (stepper.num_blocks, stepper.block_size):
+            raise ConfigError(f"the engine asked for {num_blocks} blocks of {block_size}; the job's paged kv cache "
+                              f"has {stepper.num_blocks} of {stepper.block_size}")
+        return stepper
+    return make
