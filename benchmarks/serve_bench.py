@@ -34,6 +34,8 @@ import time
 
 import numpy as np
 
+from vllm_compare import launch, stop   # benchmarks/: the server launcher both sides use
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONCURRENCY = (1, 4, 8)
 N_PROMPTS = 8
@@ -166,26 +168,11 @@ async def _clients(url: str, prompts: list[list[int]], concurrency: int, new: in
 
 
 def _start_server(args, port: int, max_len: int | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    import httpx
     cmd = [sys.executable, "-m", "telechat_ms.cli", "serve", args.ckpt, "--port", str(port), "--max-batch-size", "8",
            "--max-model-len", str(max_len or _cache_len(args) - 1), "--served-model-name", "bench", *extra] + \
         (["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else []) + \
         (["--batch-window-ms", str(args.batch_window_ms)] if args.batch_window_ms is not None else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
-    proc.started = time.perf_counter()
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                proc.healthy_after = time.perf_counter() - proc.started
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    return launch(cmd, _env(), port, "telechat-ms serve", 600)
 
 
 def _peak_rss(proc: subprocess.Popen) -> float:
@@ -198,8 +185,7 @@ def _peak_rss(proc: subprocess.Popen) -> float:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(60)
+    stop(proc)
 
 
 def _p95(xs: list[float]) -> float:
@@ -359,7 +345,7 @@ def vllm_scenario(args, prompts, bias) -> None:
                         got[(k, c)].append(asyncio.run(_clients(url[k], prompts, c, args.new, bias)))
         finally:
             for k, proc in servers.items():
-                vc.stop(proc) if k == "vllm" else _stop(proc)
+                stop(proc)
         med = {key: {m: statistics.median(x[m] for x in v) for m in v[0]} for key, v in got.items()}
         table[length] = {"started": started, "same": same, "med": med}
         print(f"--max-model-len {length}: tokens identical on all {len(prompts)} prompts: {same}", flush=True)

@@ -73,17 +73,24 @@ def export(ckpt: str, python: str, repo: str) -> str:
 
 def start_server(vllm_python: str, model: str, port: int, max_len: int, name: str = "bench") -> subprocess.Popen:
     """`vllm serve` of the export; returns once /health answers, with .healthy_after set (seconds)."""
-    import httpx
     cmd = [vllm_python, "-c", SERVE, model, "--port", str(port), "--host", "127.0.0.1", "--trust-remote-code",
            "--dtype", "float32", "--max-model-len", str(max_len), "--max-num-seqs", "8",
            "--served-model-name", name, "--seed", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=vllm_env(),
-                            start_new_session=True)
-    proc.started = time.perf_counter()
-    deadline = time.time() + 900
+    return launch(cmd, vllm_env(), port, "vllm serve", 900)
+
+
+def launch(cmd: list[str], env: dict, port: int, what: str, timeout: float) -> subprocess.Popen:
+    """Start a server in a session of its own (stderr to a temporary file: a pipe nobody reads would fill and
+    block it) and wait until its /health answers; .healthy_after is the seconds that took."""
+    import httpx
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env, start_new_session=True)
+    proc.started, proc.log = time.perf_counter(), log
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited: {proc.stderr.read()[-3000:]}")
+            log.seek(0)
+            raise RuntimeError(f"{what} exited: {log.read()[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 proc.healthy_after = time.perf_counter() - proc.started
@@ -92,7 +99,7 @@ def start_server(vllm_python: str, model: str, port: int, max_len: int, name: st
             pass
         time.sleep(0.5)
     stop(proc)
-    raise RuntimeError("vllm serve did not become healthy in 900 s")
+    raise RuntimeError(f"{what} did not become healthy in {timeout:.0f} s")
 
 
 def stop(proc: subprocess.Popen) -> None:
