@@ -148,7 +148,7 @@ def offline(vllm_python: str, model: str, prompts: list[list[int]], new: int, ma
                              check=False, timeout=1800, cwd=cwd)
     if out.returncode:
         raise RuntimeError(f"vLLM offline generate failed: {out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{")))
 
 
 if __name__ == "__main__":
