@@ -17,19 +17,7 @@ import time
 
 import numpy as np
 
-
-def _setup(args) -> str:
-    if os.path.isfile(os.path.join(args.ckpt, "tokenizer.model")):
-        return args.ckpt
-    from telechat_ms.data.train_tokenizer import train_tokenizer
-    from telechat_ms.reference.random_checkpoint import tiny_config, write_random_hf_checkpoint
-    tok = train_tokenizer(os.path.join(args.ckpt, "tok"), vocab_size=1024)
-    cfg = tiny_config(hidden_size=args.hidden, n_layer=args.layers, n_head=8, num_key_value_heads=2,
-                      ffn_hidden_size=int(2.6875 * args.hidden), vocab_size=tok.vocab_size, training_seqlen=8192,
-                      base_seqlen=8192, seq_length=8192)
-    write_random_hf_checkpoint(args.ckpt, cfg, seed=0)
-    tok.save_pretrained(args.ckpt)
-    return args.ckpt
+from serve_bench import _setup   # benchmarks/: the same random checkpoint + demo tokenizer
 
 
 def main() -> None:

@@ -15,15 +15,12 @@ checks the declared strategies against the unsharded step.
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 from mindspore import Tensor
 
-from telechat_ms.errors import ConfigError
 from telechat_ms.infer.paged import PagedStepper, kernels_for_device
 from telechat_ms.parallel.parallelize import AppliedPredict
-from telechat_ms.parallel.predict import ModelParallelSession, check_layouts, load_sharded_checkpoint
+from telechat_ms.parallel.predict import ModelParallelSession, load_parallel_session, unloaded_parallel_model
 from telechat_ms.positions import paged_inputs
 
 
@@ -87,27 +84,11 @@ def build_model_parallel_paged(job, num_blocks: int, block_size: int, use_jit: b
     """On every msrun rank (Ascend): semi-auto context, the model built without initialising its weights, the paged
     predict strategies, the decode call compiled (laying out and slicing every parameter and the paged caches),
     then this rank's slice of every checkpoint tensor (parallel.predict.build_model_parallel for the paged cache)."""
-    from telechat_ms.model.telechat import TeleChatForCausalLM
-    from telechat_ms.parallel.context import setup_context
     from telechat_ms.parallel.parallelize import parallelize_predict
-
-    if not job.model_parallel:
-        raise ConfigError(f"{job.source}: parallel.parallel_mode is {job.parallel.parallel_mode}; model-parallel "
-                          "serving needs semi_auto_parallel")
-    run = setup_context(job.context, job.parallel, job.parallel_config, job.source, job.output_dir)
-    try:
-        from mindspore.nn.utils import no_init_parameters
-    except ImportError:  # pragma: no cover - removed after MindSpore 2.9: weights are then initialised first
-        no_init_parameters = contextlib.nullcontext
-    with no_init_parameters():
-        model = TeleChatForCausalLM(job.model_config)
+    run, model = unloaded_parallel_model(job, "serving")
     kernels = kernels_for_device()    # Ascend: ReshapeAndCache / PagedAttention (never run here)
     applied = parallelize_predict(model, job.parallel_config, job.source, paged=True, kernels=kernels)
     stepper = ModelParallelPagedStepper(model, num_blocks, block_size, applied,
                                         use_jit and job.context.mode != "GRAPH_MODE", jit_config=run.jit_config(),
                                         kernels=kernels)
-    layout = stepper.compile()
-    check_layouts(layout, {**applied.param_splits, **stepper.cache_splits})
-    load_sharded_checkpoint(model, job.load_checkpoint, applied.param_splits, run.rank)
-    model.name_or_path = job.load_checkpoint   # generation_config.json is read from there
-    return ModelParallelSession(model, stepper, run.rank, run.world_size)
+    return load_parallel_session(job, run, model, applied, stepper)

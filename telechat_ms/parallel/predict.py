@@ -251,13 +251,22 @@ def build_model_parallel(job, use_jit: bool = True) -> ModelParallelSession:
     predict strategies, the decode step compiled (which lays out and slices every parameter), then this rank's
     slice of every checkpoint tensor. `job` is a parallel.predict_job.PredictJob; use_jit matters in PyNative
     mode only (in GRAPH_MODE every cell compiles)."""
+    from telechat_ms.parallel.parallelize import parallelize_predict
+    run, model = unloaded_parallel_model(job, "inference")
+    applied = parallelize_predict(model, job.parallel_config, job.source)
+    stepper = ModelParallelStepper(model, job.batch_size, job.model_config.seq_length, applied,
+                                   use_jit and job.context.mode != "GRAPH_MODE", jit_config=run.jit_config())
+    return load_parallel_session(job, run, model, applied, stepper)
+
+
+def unloaded_parallel_model(job, what: str):
+    """(run context, model) of a model-parallel build: the semi-auto context set up and the model built without
+    initialising its weights (they are sliced and loaded after its step is compiled). `what` names the use."""
     from telechat_ms.model.telechat import TeleChatForCausalLM
     from telechat_ms.parallel.context import setup_context
-    from telechat_ms.parallel.parallelize import parallelize_predict
-
     if not job.model_parallel:
         raise ConfigError(f"{job.source}: parallel.parallel_mode is {job.parallel.parallel_mode}; model-parallel "
-                          "inference needs semi_auto_parallel")
+                          f"{what} needs semi_auto_parallel")
     run = setup_context(job.context, job.parallel, job.parallel_config, job.source, job.output_dir)
     try:
         from mindspore.nn.utils import no_init_parameters
@@ -265,9 +274,12 @@ def build_model_parallel(job, use_jit: bool = True) -> ModelParallelSession:
         no_init_parameters = contextlib.nullcontext
     with no_init_parameters():
         model = TeleChatForCausalLM(job.model_config)
-    applied = parallelize_predict(model, job.parallel_config, job.source)
-    stepper = ModelParallelStepper(model, job.batch_size, job.model_config.seq_length, applied,
-                                   use_jit and job.context.mode != "GRAPH_MODE", jit_config=run.jit_config())
+    return run, model
+
+
+def load_parallel_session(job, run, model, applied, stepper) -> ModelParallelSession:
+    """Compile the stepper (laying out every parameter and cache), check the layouts against the declared splits,
+    load this rank's slice of every checkpoint tensor."""
     layout = stepper.compile()
     check_layouts(layout, {**applied.param_splits, **stepper.cache_splits})
     load_sharded_checkpoint(model, job.load_checkpoint, applied.param_splits, run.rank)
