@@ -185,7 +185,9 @@ def _refuse_paged_flags(args: argparse.Namespace, why: str) -> None:
                                       ("--max-num-batched-tokens", args.max_num_batched_tokens),
                                       ("--no-prefix-caching", args.no_prefix_caching),
                                       ("--max-decode-slowdown", args.max_decode_slowdown),
-                                      ("--max-model-len", args.max_model_len)) if value not in (None, False)]
+                                      ("--max-model-len", args.max_model_len),
+                                      ("--compile-cache-dir", args.compile_cache_dir),
+                                      ("--no-compile-cache", args.no_compile_cache)) if value not in (None, False)]
     if given:
         raise TeleChatError(f"{given[0]} is not used here: {why}")
 
@@ -228,8 +230,10 @@ def _generate_from_config(args: argparse.Namespace) -> int:
     if args.input and run.world_size == 1:   # the serving engine: runner_config.batch_size rows of seq_length
         from telechat_ms.serve.server import paged_stepper_factory
         tokenizer = _tokenizer(args.tokenizer or job.load_checkpoint, model)
-        paged = dict(settings=_engine_settings(args, job.batch_size), max_model_len=job.model_config.seq_length,
-                     stepper_factory=paged_stepper_factory(model, not args.no_jit, run.jit_config()))
+        settings = _engine_settings(args, job.batch_size)
+        paged = dict(settings=settings, max_model_len=job.model_config.seq_length,
+                     stepper_factory=paged_stepper_factory(model, not args.no_jit, run.jit_config(),
+                                                           settings.compile_cache))
         return _answer(model, tokenizer, args, output, job.batch_size, options, paged=paged)
     _refuse_paged_flags(args, "only generate --input in one process runs the serving engine")
     # the job's kv cache, as plan sizes it: runner_config.batch_size rows x seq_length slots, compiled at jit_level
@@ -248,6 +252,9 @@ def _paged_lockstep(args: argparse.Namespace, job, output: str, options: dict[st
     from telechat_ms.parallel.paged_predict import build_model_parallel_paged
     from telechat_ms.parallel.predict import run_lockstep
     from telechat_ms.serve.server import fixed_paged_factory, paged_settings
+    if args.compile_cache_dir:
+        raise TeleChatError("--compile-cache-dir is not used here: the compile cache serves one process, not a "
+                            "model-parallel job")
     settings = _engine_settings(args, job.batch_size)
     seq = job.model_config.seq_length
     cache = paged_settings(settings, job.model_config, seq, mp=job.parallel_config.model_parallel)

@@ -15,6 +15,9 @@ def _serve(args: argparse.Namespace) -> int:
                       (args.max_batch_size, "--max-batch-size", "runner_config.batch_size"),
                       (args.max_model_len, "--max-model-len", "model.model_config.seq_length")])
         job = load_predict_job(args.config, args.overrides)
+        if job.model_parallel and args.compile_cache_dir:
+            raise ConfigError(f"{args.config}: --compile-cache-dir serves one process; a model-parallel job "
+                              "compiles its graphs every start")
         use_log_dir(job.output_dir)       # before the server's imports bring MindFormers in
     elif args.overrides:
         raise ConfigError(f"{args.overrides[0]}: --key.path=value overrides need --config PREDICT.yaml")
@@ -48,6 +51,12 @@ def add_paged_cache_args(p: argparse.ArgumentParser) -> None:
                         "prompt); 0: always the whole --max-num-batched-tokens (default 2)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the kv-cache blocks of identical prompt prefixes")
+    p.add_argument("--compile-cache-dir", default=None,
+                   help="keep the compiled step graphs here, one directory per graph keyed by this package's "
+                        "source, the versions, the model config and the shape, so a restart loads instead of "
+                        "compiling (default ~/.cache/telechat_ms/compile; one process only, not under model "
+                        "parallel)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile every graph afresh, keep none")
 
 
 def paged_cache_options(args: argparse.Namespace) -> dict:
@@ -55,7 +64,16 @@ def paged_cache_options(args: argparse.Namespace) -> dict:
     given = {"block_size": args.block_size, "num_blocks": args.num_blocks,
              "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
              "max_num_batched_tokens": args.max_num_batched_tokens, "max_decode_slowdown": args.max_decode_slowdown}
-    return {**{k: v for k, v in given.items() if v is not None}, "prefix_caching": not args.no_prefix_caching}
+    from telechat_ms.errors import ConfigError
+    if args.no_compile_cache and args.compile_cache_dir:
+        raise ConfigError("--compile-cache-dir and --no-compile-cache contradict each other: give one")
+    if args.no_compile_cache:
+        cache = None
+    else:
+        from telechat_ms.infer.compile_cache import default_dir
+        cache = args.compile_cache_dir or default_dir()
+    return {**{k: v for k, v in given.items() if v is not None}, "prefix_caching": not args.no_prefix_caching,
+            "compile_cache": cache}
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:

@@ -78,7 +78,8 @@ class PagedStepper:
     the scheduler's slots and block tables are the same. Written for Ascend and never run there: on CPU the
     kernels have no implementation and the same wiring is checked with numpy stand-ins (tests)."""
 
-    def __init__(self, model, num_blocks: int, block_size: int, use_jit: bool = True, kernels: bool | None = None):
+    def __init__(self, model, num_blocks: int, block_size: int, use_jit: bool = True, kernels: bool | None = None,
+                 compile_cache: str | None = None):
         if num_blocks < 2:
             raise ValueError(f"a paged cache needs >= 2 blocks (block 0 is the null block), got {num_blocks}")
         cfg = model.config
@@ -90,6 +91,22 @@ class PagedStepper:
                                   cfg.head_dim, cfg.compute_dtype, blocked=self.kernels)
         self.cell = (JitPagedStep if use_jit else PagedStep)(model, self.cache.k, self.cache.v)
         self.shapes: set[tuple[int, int, int]] = set()   # (rows, width, context blocks) run so far
+        self.compile_cache_dir = compile_cache if use_jit else None     # infer.compile_cache: graphs on disk
+        self._compile_cache = None
+        self._compiled: set[tuple[int, int, int, int]] = set()     # ... and logit columns: one graph each
+
+    def _cache_for(self, shape: tuple[int, int, int, int]):
+        """The compile-cache context of a first call at `shape` (a null context without a cache or once compiled)."""
+        import contextlib
+        if self.compile_cache_dir is None or shape in self._compiled:
+            return contextlib.nullcontext()
+        self._compiled.add(shape)
+        if self._compile_cache is None:     # keyed at first use: the factory may set the jit config after __init__
+            from telechat_ms.infer.compile_cache import CompileCache, paged_graph_key
+            level = (getattr(self.cell, "_jit_config_dict", None) or {}).get("jit_level")
+            self._compile_cache = CompileCache(self.compile_cache_dir, paged_graph_key(
+                self.cfg, self.num_blocks, self.block_size, self.kernels, level))
+        return self._compile_cache.compiling(shape)
 
     def step(self, ids: np.ndarray, positions: np.ndarray, totals: np.ndarray, slots: np.ndarray,
              block_tables: np.ndarray, last: int) -> np.ndarray:
@@ -108,9 +125,12 @@ class PagedStepper:
         bsz = self.block_size
         ctx_slots = (tables[:, :, None] * bsz + np.arange(bsz, dtype=np.int32)).reshape(tables.shape[0], -1)
         inp = paged_inputs(self.cfg, positions, totals, ctx_slots.shape[1])
-        self.shapes.add((ids.shape[0], ids.shape[1], tables.shape[1]))
+        shape = (ids.shape[0], ids.shape[1], tables.shape[1])
         ctx = tables if self.kernels else ctx_slots      # the kernels read block tables, the gather path slots
-        logits = self.cell(Tensor(np.asarray(ids, np.int32)), Tensor(inp.cos), Tensor(inp.sin), Tensor(inp.mask),
-                           Tensor(np.asarray(slots, np.int32).reshape(-1)), Tensor(ctx), Tensor(last_index))
+        with self._cache_for(shape + (len(last_index),)):
+            logits = self.cell(Tensor(np.asarray(ids, np.int32)), Tensor(inp.cos), Tensor(inp.sin),
+                               Tensor(inp.mask), Tensor(np.asarray(slots, np.int32).reshape(-1)), Tensor(ctx),
+                               Tensor(last_index))
+        self.shapes.add(shape)
         return logits.asnumpy()
 

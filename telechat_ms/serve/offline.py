@@ -43,8 +43,9 @@ def offline_engine(model, tokenizer, settings: ServeConfig, max_model_len: int, 
     budget); graphs compile when first used (no warmup)."""
     paged = paged_settings(settings, model.config, max_model_len, mp=mp)
     window = max_queue if max_queue is not None else WINDOW_PER_ROW * settings.max_batch_size
-    engine = PagedEngine(stepper_factory or paged_stepper_factory(model, use_jit), tokenizer, tokenizer.vocab_size,
-                         max_model_len, max_batch_size=settings.max_batch_size, max_queue=window,
+    factory = stepper_factory or paged_stepper_factory(model, use_jit, compile_cache=settings.compile_cache)
+    engine = PagedEngine(factory, tokenizer, tokenizer.vocab_size, max_model_len,
+                         max_batch_size=settings.max_batch_size, max_queue=window,
                          pad_token_id=model.config.pad_token_id, warmup=False, **paged)
     engine.prepare()
     return engine

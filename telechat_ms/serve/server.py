@@ -46,6 +46,7 @@ class ServeConfig:
     max_num_batched_tokens: int = 512   # tokens one step computes at most (decodes + prefill chunks)
     prefix_caching: bool = True
     max_decode_slowdown: float = DEFAULT_DECODE_SLOWDOWN   # prompt chunks beside decodes: what they can afford
+    compile_cache: str | None = None    # infer.compile_cache root (the CLI's default: ~/.cache/...); None: off
 
 
 def local_stepper_factory(model, use_jit: bool = True) -> StepperFactory:
@@ -57,13 +58,13 @@ def local_stepper_factory(model, use_jit: bool = True) -> StepperFactory:
     return make
 
 
-def paged_stepper_factory(model, use_jit: bool = True, jit_config=None):
+def paged_stepper_factory(model, use_jit: bool = True, jit_config=None, compile_cache: str | None = None):
     """PagedEngine stepper factory over this process's model (telechat_ms.infer.paged.PagedStepper); jit_config: a
-    predict job's (its context.jit_level)."""
+    predict job's (its context.jit_level); compile_cache: the root of the graphs kept on disk (infer.compile_cache)."""
     from telechat_ms.infer.paged import PagedStepper
 
     def make(num_blocks: int, block_size: int) -> PagedStepper:
-        stepper = PagedStepper(model, num_blocks, block_size, use_jit)
+        stepper = PagedStepper(model, num_blocks, block_size, use_jit, compile_cache=compile_cache)
         if jit_config is not None:
             stepper.cell.set_jit_config(jit_config)
         return stepper
@@ -123,9 +124,9 @@ def build_state(cfg: ServeConfig) -> ServeState:
     max_model_len = cfg.max_model_len or model.config.seq_length
     if max_model_len < 2:
         raise ConfigError(f"--max-model-len must be >= 2, got {max_model_len}")
-    return start_state(cfg, model, cfg.model_dir, paged_stepper_factory(model, cfg.use_jit), max_model_len,
-                       cfg.max_batch_size, full_forward_scorer(model), paged=paged_settings(cfg, model.config,
-                                                                                           max_model_len))
+    factory = paged_stepper_factory(model, cfg.use_jit, compile_cache=cfg.compile_cache)
+    return start_state(cfg, model, cfg.model_dir, factory, max_model_len, cfg.max_batch_size,
+                       full_forward_scorer(model), paged=paged_settings(cfg, model.config, max_model_len))
 
 
 def paged_settings(cfg: ServeConfig, model_config, max_model_len: int, mp: int = 1) -> dict:
@@ -286,7 +287,8 @@ def run_job(job, cfg: ServeConfig) -> int:
     print(f"telechat-ms serve: loading {job.load_checkpoint} ({job.source}) ...", file=sys.stderr, flush=True)
     model = TeleChatForCausalLM.from_pretrained(job.load_checkpoint, config=job.model_config)
     state = start_state(cfg, model, job.load_checkpoint, paged_stepper_factory(model, cfg.use_jit,
-                                                                               run_ctx.jit_config()),
+                                                                               run_ctx.jit_config(),
+                                                                               cfg.compile_cache),
                         max_model_len, job.batch_size, full_forward_scorer(model), paged=paged)
     return _serve_forever(state, sock, cfg)
 
