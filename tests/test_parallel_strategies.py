@@ -188,8 +188,8 @@ def test_plain_attention_and_unfused_norm_strategies():
     apply_strategies(model, table)
     rec = recorded_strategies(model)
     assert rec["model.layers.0.attention.qk_matmul"].inputs == ((2, 2, 1, 1), (2, 2, 1, 1))
-    assert rec["model.layers.0.attention.tile_kv"].inputs == ((2, 2, 1, 1, 1),)
-    assert rec["model.layers.0.attention.mask_add"].inputs == ((2, 2, 1, 1), (2, 1, 1, 1))
+    assert "model.layers.0.attention.tile_kv" not in rec   # grouped attention: the kv heads are never tiled
+    assert rec["model.layers.0.attention.mask_add"].inputs == ((2, 2, 1, 1, 1), (2, 1, 1, 1, 1))
     assert rec["model.layers.0.attention_norm.mul2"].inputs == ((2, 2, 1), (1,))
     assert rec["model.layers.0.attention.wo.matmul"].outputs == ((4, 1),)
     assert {k: (v.inputs, v.outputs) for k, v in rec.items()} == {k: (v.inputs, v.outputs) for k, v in table.items()}

@@ -23,8 +23,8 @@ from telechat_ms.parallel.strategies import (Shard, apply_strategies, moe_groups
 # SiLU, plus the attention-score ops when flash attention is off).
 SELECT_FFN = ("feed_forward.mul", "feed_forward.silu.silu")
 SELECT_MOE = ("feed_forward.ffn.mul", "feed_forward.ffn.silu.silu")   # the same, in the MoE experts
-SELECT_ATTN = ("attention.tile_kv", "attention.qk_matmul", "attention.mul_scale", "attention.mask_add",
-               "attention.softmax", "attention.pv_matmul")
+SELECT_ATTN = ("attention.qk_matmul", "attention.mul_scale", "attention.mask_add", "attention.softmax",
+               "attention.pv_matmul")
 
 
 @dataclass

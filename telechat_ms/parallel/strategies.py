@@ -104,16 +104,15 @@ def layer_strategies(cfg: TeleChatConfig, dims: ParallelDims, fused_norm: bool |
     if cfg.use_flash_attention:
         kv = (dp, hs, cr, 1)                        # ring attention passes kv chunks around the cp ring
         t["attention.flash_attention.flash_attention"] = Shard((inner, kv, kv, (mask_b, 1, cr, 1)))
-    else:                                           # plain attention: cp == 1 (checked), heads split by mp
-        heads = (dp, mp, 1, 1)
+    else:  # plain attention: cp == 1 (checked); q [B, K, n_rep*S, d], scores [B, K, n_rep, S, S]: kv heads split by mp
+        kv, grouped = (dp, mp, 1, 1), (dp, mp, 1, 1, 1)
         t.update({
-            "attention.tile_kv": Shard(((dp, mp, 1, 1, 1),)),
-            "attention.qk_matmul": Shard((heads, heads)),
-            "attention.mul_scale": Shard((heads, ())),
-            "attention.mask_mul": Shard(((mask_b, 1, 1, 1), ())),
-            "attention.mask_add": Shard((heads, (mask_b, 1, 1, 1))),
-            "attention.softmax": Shard((heads,)),
-            "attention.pv_matmul": Shard((heads, heads)),
+            "attention.qk_matmul": Shard((kv, kv)),
+            "attention.mul_scale": Shard((kv, ())),
+            "attention.mask_mul": Shard(((mask_b, 1, 1, 1, 1), ())),
+            "attention.mask_add": Shard((grouped, (mask_b, 1, 1, 1, 1))),
+            "attention.softmax": Shard((grouped,)),
+            "attention.pv_matmul": Shard((kv, kv)),
         })
     return t
 
