@@ -145,9 +145,11 @@ def test_injected_inf_skips_the_update_and_lowers_the_scale(pynative_after):
     assert abs(ref.loss - first.loss) <= 1e-5 * ref.loss and abs(ref.grad_norm - first.grad_norm) <= 1e-4 * ref.grad_norm
 
 
-def test_hand_written_nll_backward_equals_autodiff(pynative_after):
-    """The loss's hand-written backward ((softmax - onehot) * mask) gives autodiff's gradients up to rounding, and
-    its forward the same bits (ignored targets included)."""
+@pytest.mark.parametrize("flag", ["nll", "softmax"])
+def test_hand_written_backward_equals_autodiff(pynative_after, flag):
+    """The loss's hand-written backward ((softmax - onehot) * mask) and the attention softmax's (row sums by a
+    MatMul) give autodiff's gradients up to rounding, and their forwards the same bits (ignored targets
+    included)."""
     from mindspore import Tensor
     from telechat_ms.train.step import LossAndGrads, LossSum
     model, params, _, _, positions = _setup(1)
@@ -156,9 +158,16 @@ def test_hand_written_nll_backward_equals_autodiff(pynative_after):
     labels[0, 3:7] = -100
     cos, sin, mask = positions(micro[0])
     args = (Tensor(micro[0]["input_ids"]), Tensor(labels), cos, sin, mask, Tensor(np.float32(1.0)))
-    model.nll_bprop = True
+
+    def set_flag(on: bool) -> None:
+        if flag == "nll":
+            model.nll_bprop = on
+        for layer in model.model.layers:
+            layer.attention.softmax_bprop = on if flag == "softmax" else True
+
+    set_flag(True)
     loss_new, grads_new = LossAndGrads(LossSum(model), params)(*args)
-    model.nll_bprop = False
+    set_flag(False)
     loss_old, grads_old = LossAndGrads(LossSum(model), params)(*args)
     assert loss_new.asnumpy().tobytes() == loss_old.asnumpy().tobytes()
     for p, a, b in zip(params, grads_new, grads_old):
