@@ -300,33 +300,35 @@ class TeleChatAttention(nn.Cell):
                                           actual_seq_kvlen=actual_seq_len)
         return self.reshape(out, (bs, seq, self.hidden))
 
-    def _grouped_attention(self, q, k_cache, v_cache, attn_mask):
-        """GQA without copying the cache: the n_rep query heads of one kv head are stacked on the query axis."""
+    def _gqa(self, q, k, v, attn_mask, qk, mul_scale, mask_mul, mask_add, softmax, pv):
+        """softmax(q k^T / sqrt(d) + mask) v with the softmax in fp32, GQA by stacking the n_rep query heads of a
+        kv head on the query axis: no Tile of k and v forward, and no strided reduction of the tiled gradients
+        backward (on CPU 7% of a hidden-256 step). q [B, N, S, d], k and v [B, K, L, d] (L: the keys, S or the
+        cache's slots), mask [B or 1, S, L]. The primitives are the caller's: each path has its own (strategies)."""
         bs, _, seq, _ = q.shape
-        max_len = k_cache.shape[2]
-        qg = self.reshape(self.cast(q, k_cache.dtype), (bs, self.n_kv, self.n_rep * seq, self.head_dim))
-        scores = self.mul_scale_c(self.cast(self.cache_qk(qg, k_cache), ms.float32), self.scale)
-        scores = self.reshape(scores, (bs, self.n_kv, self.n_rep, seq, max_len))
-        mask = self.reshape(self.cast(attn_mask, ms.float32), (attn_mask.shape[0], 1, 1, seq, max_len))
-        scores = self.mask_add_c(scores, self.mask_mul_c(mask, MASK_VALUE))
-        probs = self.reshape(self.cast(self.softmax_c(scores), v_cache.dtype),
-                             (bs, self.n_kv, self.n_rep * seq, max_len))
-        out = self.cache_pv(probs, v_cache)
-        return self.reshape(out, (bs, self.n_head, seq, self.head_dim))
+        keys = k.shape[2]
+        if q.dtype != k.dtype:
+            q = self.cast(q, k.dtype)
+        qg = self.reshape(q, (bs, self.n_kv, self.n_rep * seq, self.head_dim))
+        scores = mul_scale(self.cast(qk(qg, k), ms.float32), self.scale)
+        scores = self.reshape(scores, (bs, self.n_kv, self.n_rep, seq, keys))
+        mask = self.reshape(self.cast(attn_mask, ms.float32), (attn_mask.shape[0], 1, 1, seq, keys))
+        scores = mask_add(scores, mask_mul(mask, MASK_VALUE))
+        probs = self.reshape(self.cast(softmax(scores), v.dtype), (bs, self.n_kv, self.n_rep * seq, keys))
+        return self.reshape(pv(probs, v), (bs, self.n_head, seq, self.head_dim))
+
+    def _grouped_attention(self, q, k_cache, v_cache, attn_mask):
+        """GQA over the kv cache without copying it (the inference paths' primitives)."""
+        return self._gqa(q, k_cache, v_cache, attn_mask, self.cache_qk, self.mul_scale_c, self.mask_mul_c,
+                         self.mask_add_c, self.softmax_c, self.cache_pv)
 
     def _attention(self, q, k, v, attn_mask):
-        """softmax(q k^T / sqrt(d) + mask) v with the softmax in fp32, GQA by stacking the n_rep query heads of a
-        kv head on the query axis (as _grouped_attention): no Tile of k and v forward, and no strided reduction of
-        the tiled gradients backward (on CPU 7% of a hidden-256 step). q [B, N, S, d], k and v [B, K, S, d]."""
-        bs, _, seq, _ = q.shape
-        qg = self.reshape(q, (bs, self.n_kv, self.n_rep * seq, self.head_dim))
-        scores = self.mul_scale(self.cast(self.qk_matmul(qg, k), ms.float32), self.scale)
-        scores = self.reshape(scores, (bs, self.n_kv, self.n_rep, seq, seq))
-        mask = self.reshape(self.cast(attn_mask, ms.float32), (attn_mask.shape[0], 1, 1, seq, seq))
-        scores = self.mask_add(scores, self.mask_mul(mask, MASK_VALUE))
-        probs = self.row_softmax(scores) if self.softmax_bprop else self.softmax(scores)
-        probs = self.reshape(self.cast(probs, v.dtype), (bs, self.n_kv, self.n_rep * seq, seq))
-        return self.reshape(self.pv_matmul(probs, v), (bs, self.n_head, seq, self.head_dim))
+        """Training / full-forward GQA: the softmax with the hand-written backward unless parallelized."""
+        if self.softmax_bprop:
+            return self._gqa(q, k, v, attn_mask, self.qk_matmul, self.mul_scale, self.mask_mul, self.mask_add,
+                             self.row_softmax, self.pv_matmul)
+        return self._gqa(q, k, v, attn_mask, self.qk_matmul, self.mul_scale, self.mask_mul, self.mask_add,
+                         self.softmax, self.pv_matmul)
 
 
 class TeleChatMLP(nn.Cell):
