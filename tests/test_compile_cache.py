@@ -105,7 +105,8 @@ def test_the_key_holds_what_the_graph_depends_on(models, tmp_path):
     for other in (cc.paged_graph_key(models[0].config, 9, BLOCK, False, None),
                   cc.paged_graph_key(models[0].config, 8, 16, False, None),
                   cc.paged_graph_key(models[0].config, 8, BLOCK, True, None),
-                  cc.paged_graph_key(models[0].config, 8, BLOCK, False, "O1")):
+                  cc.paged_graph_key(models[0].config, 8, BLOCK, False, "O1"),
+                  cc.paged_graph_key(models[0].config, 8, BLOCK, False, None, head_major=True)):
         assert cc.CompileCache(root, other).key != a.key
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)

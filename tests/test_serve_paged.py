@@ -260,3 +260,35 @@ def test_plan_speaks_the_paged_engine_terms():
     assert g["blocks"] == int(g["free"] // per_block) and g["at_seq"] == g["blocks"] // (8192 // 16)
     assert g["at_2048"] == g["blocks"] // 128 and g["budget"] == 512 and cfg is None
     assert f"{g['blocks']} blocks per NPU" in format_plan(report)
+
+
+def test_head_major_cache_equals_the_slot_major_layout(tiny_gqa_ckpt):
+    """The one-process layout [K * slots, d] (no transpose after the gather) computes what the model-parallel
+    slot-major [slots, K, d] does: the same logits over a chunked prefill and decodes, the same cache contents."""
+    from telechat_ms.infer.paged import PagedStepper
+    from telechat_ms.model.telechat import TeleChatForCausalLM
+    model = TeleChatForCausalLM.from_pretrained(tiny_gqa_ckpt)
+    cfg, bs, nb = model.config, 8, 6
+    heads = PagedStepper(model, nb, bs, use_jit=False)
+    slots_major = PagedStepper(model, nb, bs, use_jit=False, head_major=False)
+    assert heads.head_major and not slots_major.head_major
+    assert tuple(heads.cache.k[0].shape) == (cfg.num_key_value_heads * nb * bs, cfg.head_dim)
+    assert tuple(slots_major.cache.k[0].shape) == (nb * bs, cfg.num_key_value_heads, cfg.head_dim)
+    ids = np.random.default_rng(3).integers(3, cfg.vocab_size, size=13)
+    table = np.array([[2, 4, 0, 0]], np.int32)        # blocks 2 and 4, then the null block
+    slot = lambda p: table[0, p // bs] * bs + p % bs  # noqa: E731
+    calls = [(ids[:9], 0), (ids[9:13], 9)] + [(ids[[i]], i) for i in (3, 7, 11)]   # chunks, then "decodes"
+    pos_next = 13
+    for k, (chunk, start) in enumerate(calls):
+        start = start if k < 2 else pos_next
+        pos = np.arange(start, start + len(chunk))[None]
+        args = (chunk[None].astype(np.int32), pos, np.maximum(pos + 1, 13), np.vectorize(slot)(pos), table,
+                len(chunk) - 1)
+        a, b = heads.step(*args), slots_major.step(*args)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+        pos_next = start + len(chunk) if k >= 2 else pos_next
+    for layer in range(cfg.n_layer):
+        for got, want in ((heads.cache.k[layer], slots_major.cache.k[layer]),
+                          (heads.cache.v[layer], slots_major.cache.v[layer])):
+            per_head = got.asnumpy().reshape(cfg.num_key_value_heads, nb * bs, cfg.head_dim).transpose(1, 0, 2)
+            np.testing.assert_array_equal(per_head, want.asnumpy())

@@ -166,8 +166,9 @@ class CompileCache:
                     os.remove(os.path.join(graphs, name))
 
 
-def paged_graph_key(cfg, num_blocks: int, block_size: int, kernels: bool, jit_level: str | None) -> dict:
-    """What a paged step's graph depends on besides its input shape."""
+def paged_graph_key(cfg, num_blocks: int, block_size: int, kernels: bool, jit_level: str | None,
+                    head_major: bool = False) -> dict:
+    """What a paged step's graph depends on besides its input shape (the cache layout included)."""
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "loader")}
     return {"step": "paged", "config": config, "num_blocks": int(num_blocks), "block_size": int(block_size),
-            "kernels": bool(kernels), "jit_level": jit_level}
+            "kernels": bool(kernels), "head_major": bool(head_major), "jit_level": jit_level}

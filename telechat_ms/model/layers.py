@@ -239,9 +239,10 @@ class TeleChatAttention(nn.Cell):
 
         x [R, n, H]; cos/sin [R, n, 1, d] (each token's own tables: the released incremental rule per sequence);
         attn_mask uint8 [R, 1, n, C] (C = blocks x block size, 1 = may not attend); k_cache/v_cache Parameters
-        [num_blocks * block_size, K, d]; write_slots int32 [R * n]; ctx_slots int32 [R, C]: the slot of every
-        context index (the row's blocks expanded to their slots: the gather reads the cache Parameter as it is, a
-        reshape of it into blocks was measured to copy it).
+        slot-major [num_slots, K, d] with write_slots int32 [R * n] and ctx_slots int32 [R, C] (the slot of every
+        context index: the row's blocks expanded to their slots; the gather reads the cache Parameter as it is, a
+        reshape of it into blocks was measured to copy it), or head-major [K * num_slots, d] with the rows of every
+        kv head, write_slots [R * n, K] and ctx_slots [R, K, C] (the gather then needs no transpose).
         """
         if self.paged_kernels:
             return self._paged_kernels(x, cos, sin, attn_mask, k_cache, v_cache, write_slots, ctx_slots)
@@ -254,10 +255,11 @@ class TeleChatAttention(nn.Cell):
         v = self.reshape(self.cast(v, v_cache.dtype), (bs * seq, self.n_kv, self.head_dim))
         k_cache = self.paged_write_k(k_cache, write_slots, k)
         v_cache = self.paged_write_v(v_cache, write_slots, v)
-        ctx_k = self.paged_gather_k(k_cache, ctx_slots, 0)    # [R, C, K, d]: no copy of the cache itself
+        ctx_k = self.paged_gather_k(k_cache, ctx_slots, 0)    # no copy of the cache itself
         ctx_v = self.paged_gather_v(v_cache, ctx_slots, 0)
-        ctx_k = self.paged_transpose_k(ctx_k, (0, 2, 1, 3))
-        ctx_v = self.paged_transpose_v(ctx_v, (0, 2, 1, 3))
+        if len(k_cache.shape) == 3:   # slot-major (model parallel): [R, C, K, d] -> [R, K, C, d]
+            ctx_k = self.paged_transpose_k(ctx_k, (0, 2, 1, 3))
+            ctx_v = self.paged_transpose_v(ctx_v, (0, 2, 1, 3))
         out = self._grouped_attention(q, ctx_k, ctx_v, attn_mask)
         out = self.reshape(self.transpose_out(out, (0, 2, 1, 3)), (bs, seq, self.hidden))
         return self.wo(out)

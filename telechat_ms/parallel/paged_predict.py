@@ -34,7 +34,7 @@ class ModelParallelPagedStepper(PagedStepper):
         if kernels != ("model.layers.0.attention.reshape_and_cache" in applied.table):
             raise ValueError(f"kernels={kernels}: prepare the model with parallelize_predict(paged=True, "
                              f"kernels={kernels})")
-        super().__init__(model, num_blocks, block_size, use_jit, kernels)
+        super().__init__(model, num_blocks, block_size, use_jit, kernels, head_major=False)  # heads split on axis 1
         self.applied = applied
         if jit_config is not None:
             self.cell.set_jit_config(jit_config)
