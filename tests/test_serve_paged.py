@@ -277,16 +277,14 @@ def test_head_major_cache_equals_the_slot_major_layout(tiny_gqa_ckpt):
     ids = np.random.default_rng(3).integers(3, cfg.vocab_size, size=13)
     table = np.array([[2, 4, 0, 0]], np.int32)        # blocks 2 and 4, then the null block
     slot = lambda p: table[0, p // bs] * bs + p % bs  # noqa: E731
-    calls = [(ids[:9], 0), (ids[9:13], 9)] + [(ids[[i]], i) for i in (3, 7, 11)]   # chunks, then "decodes"
-    pos_next = 13
-    for k, (chunk, start) in enumerate(calls):
-        start = start if k < 2 else pos_next
+    # a 13-token prompt in two chunks, then three decoded tokens at positions 13, 14, 15
+    calls = [(ids[:9], 0), (ids[9:13], 9), (ids[[3]], 13), (ids[[7]], 14), (ids[[11]], 15)]
+    for chunk, start in calls:
         pos = np.arange(start, start + len(chunk))[None]
         args = (chunk[None].astype(np.int32), pos, np.maximum(pos + 1, 13), np.vectorize(slot)(pos), table,
                 len(chunk) - 1)
         a, b = heads.step(*args), slots_major.step(*args)
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
-        pos_next = start + len(chunk) if k >= 2 else pos_next
     for layer in range(cfg.n_layer):
         for got, want in ((heads.cache.k[layer], slots_major.cache.k[layer]),
                           (heads.cache.v[layer], slots_major.cache.v[layer])):

@@ -6,10 +6,10 @@ h * num_slots + slot: kv head h of a slot), so the gather of a row's context ind
 step's kernel time). Model parallel keeps [num_slots, K, d] (slot-major: whole kv heads split across ranks on axis
 1). A step writes each new token's key and value at its slot (ScatterUpdate of whole rows) and each row attends
 over the blocks of its table only, gathered into [R, K, C, d] (C = the table's blocks x block_size, a bucket of
-the live context): a step costs what
-its rows' live contexts cost, not what the cache could hold, and the cache is sized by a block count or a memory
-budget, not by rows x max length. Block 0 is the null block: table entries past a row's blocks point at it and
-padding tokens write into it; the mask hides it (its context indices are past every query's position).
+the live context): a step costs what its rows' live contexts cost, not what the cache could hold, and the cache
+is sized by a block count or a memory budget, not by rows x max length. Block 0 is the null block: table entries
+past a row's blocks point at it and padding tokens write into it; the mask hides it (its context indices are past
+every query's position).
 
 On CPU this is the gather above. The host-side bookkeeping (which blocks a sequence owns, prefix sharing) lives in
 telechat_ms.serve.blocks; the scheduler in telechat_ms.serve.paged_engine.
