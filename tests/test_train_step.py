@@ -145,11 +145,11 @@ def test_injected_inf_skips_the_update_and_lowers_the_scale(pynative_after):
     assert abs(ref.loss - first.loss) <= 1e-5 * ref.loss and abs(ref.grad_norm - first.grad_norm) <= 1e-4 * ref.grad_norm
 
 
-@pytest.mark.parametrize("flag", ["nll", "softmax"])
+@pytest.mark.parametrize("flag", ["nll", "softmax", "norm"])
 def test_hand_written_backward_equals_autodiff(pynative_after, flag):
-    """The loss's hand-written backward ((softmax - onehot) * mask) and the attention softmax's (row sums by a
-    MatMul) give autodiff's gradients up to rounding, and their forwards the same bits (ignored targets
-    included)."""
+    """The loss's hand-written backward ((softmax - onehot) * mask), the attention softmax's (row sums by a
+    MatMul) and the RMSNorms' (outer products by MatMuls) give autodiff's gradients up to rounding, and their
+    forwards the same bits (ignored targets included)."""
     from mindspore import Tensor
     from telechat_ms.train.step import LossAndGrads, LossSum
     model, params, _, _, positions = _setup(1)
@@ -158,12 +158,19 @@ def test_hand_written_backward_equals_autodiff(pynative_after, flag):
     labels[0, 3:7] = -100
     cos, sin, mask = positions(micro[0])
     args = (Tensor(micro[0]["input_ids"]), Tensor(labels), cos, sin, mask, Tensor(np.float32(1.0)))
+    rng = np.random.default_rng(5)
+    for _, cell in model.cells_and_names():  # norm weights other than their initial ones, so w's terms count
+        if hasattr(cell, "hand_bprop"):
+            cell.weight.set_data(Tensor(rng.uniform(0.5, 1.5, cell.weight.shape).astype(np.float32)))
 
     def set_flag(on: bool) -> None:
         if flag == "nll":
             model.nll_bprop = on
         for layer in model.model.layers:
             layer.attention.softmax_bprop = on if flag == "softmax" else True
+        for _, cell in model.cells_and_names():
+            if hasattr(cell, "hand_bprop"):
+                cell.hand_bprop = on if flag == "norm" else True
 
     set_flag(True)
     loss_new, grads_new = LossAndGrads(LossSum(model), params)(*args)
