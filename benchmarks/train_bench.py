@@ -84,6 +84,7 @@ def _mindspore_step(impl: str, ckpt: str, ids: np.ndarray, seq: int):
                          "optimizer": {"betas": list(BETAS), "eps": EPS, "weight_decay": WD},
                          "runner_wrapper": {"use_clip_grad": True, "max_grad_norm": 1.0}})
     model = TeleChatForCausalLM.from_pretrained(ckpt)
+    model.set_train(True)  # as the trainer does (every MindSpore contender runs the same training-mode graph)
     params = list(model.trainable_params())
     if impl == "telechat_ms":  # what the trainer runs (no accumulation, one worker)
         optimizer = build_optimizer(job.optimizer, LR, params)

@@ -153,6 +153,7 @@ def test_hand_written_backward_equals_autodiff(pynative_after, flag):
     from mindspore import Tensor
     from telechat_ms.train.step import LossAndGrads, LossSum
     model, params, _, _, positions = _setup(1)
+    model.set_train(True)  # as the trainer runs it (the attention's full-shape mask is a training-mode path)
     micro, _ = _micro(1)
     labels = micro[0]["labels"].copy()
     labels[0, 3:7] = -100

@@ -135,6 +135,7 @@ class RowSoftmax(nn.Cell):
         super().__init__()
         self.softmax = P.Softmax(axis=-1)
         self.row_sum = P.MatMul()
+        self.spread = P.MatMul()
         self.reshape = P.Reshape()
         self.mul = P.Mul()
         self.sub = P.Sub()
@@ -145,7 +146,10 @@ class RowSoftmax(nn.Cell):
     def bprop(self, x, out, dout):
         n = x.shape[-1]
         rows = self.row_sum(self.reshape(self.mul(out, dout), (-1, n)), ms.ops.ones((n, 1), out.dtype))
-        return (self.mul(out, self.sub(dout, self.reshape(rows, x.shape[:-1] + (1,)))),)
+        # the row sums spread over their rows by an outer product (a MatMul): CPU's Sub of a [.., 1] column
+        # broadcast costs more than the MatMul and a full-shape Sub together
+        spread = self.reshape(self.spread(rows, ms.ops.ones((1, n), out.dtype)), x.shape)
+        return (self.mul(out, self.sub(dout, spread)),)
 
 
 class TeleChatAttention(nn.Cell):
@@ -367,11 +371,13 @@ class TeleChatAttention(nn.Cell):
                                           actual_seq_kvlen=actual_seq_len)
         return self.reshape(out, (bs, seq, self.hidden))
 
-    def _gqa(self, q, k, v, attn_mask, qk, mul_scale, mask_mul, mask_add, softmax, pv):
+    def _gqa(self, q, k, v, attn_mask, qk, mul_scale, mask_mul, mask_add, softmax, pv, full_mask=False):
         """softmax(q k^T / sqrt(d) + mask) v with the softmax in fp32, GQA by stacking the n_rep query heads of a
         kv head on the query axis: no Tile of k and v forward, and no strided reduction of the tiled gradients
         backward (on CPU 7% of a hidden-256 step). q [B, N, S, d], k and v [B, K, L, d] (L: the keys, S or the
-        cache's slots), mask [B or 1, S, L]. The primitives are the caller's: each path has its own (strategies)."""
+        cache's slots), mask [B or 1, S, L]. The primitives are the caller's: each path has its own (strategies).
+        full_mask (stand-alone training; in inference its memory would match the scores'): the mask broadcast to the
+        scores once, not inside the Add."""
         bs, _, seq, _ = q.shape
         keys = k.shape[2]
         if q.dtype != k.dtype:
@@ -379,8 +385,11 @@ class TeleChatAttention(nn.Cell):
         qg = self.reshape(q, (bs, self.n_kv, self.n_rep * seq, self.head_dim))
         scores = mul_scale(self.cast(qk(qg, k), ms.float32), self.scale)
         scores = self.reshape(scores, (bs, self.n_kv, self.n_rep, seq, keys))
-        mask = self.reshape(self.cast(attn_mask, ms.float32), (attn_mask.shape[0], 1, 1, seq, keys))
-        scores = mask_add(scores, mask_mul(mask, MASK_VALUE))
+        mask = mask_mul(self.reshape(self.cast(attn_mask, ms.float32), (attn_mask.shape[0], 1, 1, seq, keys)),
+                        MASK_VALUE)
+        if full_mask:  # training: the mask at the scores' shape, built once (every layer's nodes are the same and
+            mask = ms.ops.broadcast_to(mask, scores.shape)   # merge); CPU's broadcasting Add costs 3x a full one
+        scores = mask_add(scores, mask)
         probs = self.reshape(self.cast(softmax(scores), v.dtype), (bs, self.n_kv, self.n_rep * seq, keys))
         return self.reshape(pv(probs, v), (bs, self.n_head, seq, self.head_dim))
 
@@ -393,7 +402,7 @@ class TeleChatAttention(nn.Cell):
         """Training / full-forward GQA: the softmax with the hand-written backward unless parallelized."""
         if self.softmax_bprop:
             return self._gqa(q, k, v, attn_mask, self.qk_matmul, self.mul_scale, self.mask_mul, self.mask_add,
-                             self.row_softmax, self.pv_matmul)
+                             self.row_softmax, self.pv_matmul, full_mask=self.training)
         return self._gqa(q, k, v, attn_mask, self.qk_matmul, self.mul_scale, self.mask_mul, self.mask_add,
                          self.softmax, self.pv_matmul)
 

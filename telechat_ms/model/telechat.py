@@ -94,6 +94,7 @@ class TokenNLL(nn.Cell):
         self.one_hot = P.OneHot()
         self.sub = P.Sub()
         self.mul = P.Mul()
+        self.spread = P.MatMul()
         self.on = ms.Tensor(1.0, ms.float32)
         self.off = ms.Tensor(0.0, ms.float32)
 
@@ -103,8 +104,11 @@ class TokenNLL(nn.Cell):
         return self.reduce_sum(-self.reshape(picked, mask.shape) * mask)
 
     def bprop(self, logits, safe, mask, out, dout):
-        weight = self.reshape(mask * dout, (-1, 1))
-        target = self.one_hot(self.reshape(safe, (-1,)), logits.shape[1], self.on, self.off)
+        vocab = logits.shape[1]
+        # each row's weight spread over the vocabulary by an outer product: a MatMul and a full-shape Mul cost less
+        # on CPU than the Mul of a [N, 1] column broadcast
+        weight = self.spread(self.reshape(mask * dout, (-1, 1)), ops.ones((1, vocab), ms.float32))
+        target = self.one_hot(self.reshape(safe, (-1,)), vocab, self.on, self.off)
         grad = self.mul(self.sub(self.softmax(logits), target), weight)
         return grad, ops.zeros_like(safe), ops.zeros_like(mask)
 
