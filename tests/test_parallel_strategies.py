@@ -141,6 +141,7 @@ def test_recorded_strategies_equal_the_intended_table(paths):
     expected = intended_table(job, model.config.n_layer)
     # the strategies shard the primitives autodiff differentiates: no hand-written backward stays on
     assert not model.nll_bprop and not any(layer.attention.softmax_bprop for layer in model.model.layers)
+    assert not any(layer.attention.rotary.full_tables for layer in model.model.layers)
     assert not any(cell.hand_bprop for _, cell in model.cells_and_names() if hasattr(cell, "hand_bprop"))
     assert set(recorded) == set(expected), (set(recorded) ^ set(expected))
     wrong = {k: (recorded[k], expected[k]) for k in expected if recorded[k] != expected[k]}

@@ -145,11 +145,11 @@ def test_injected_inf_skips_the_update_and_lowers_the_scale(pynative_after):
     assert abs(ref.loss - first.loss) <= 1e-5 * ref.loss and abs(ref.grad_norm - first.grad_norm) <= 1e-4 * ref.grad_norm
 
 
-@pytest.mark.parametrize("flag", ["nll", "softmax", "norm"])
+@pytest.mark.parametrize("flag", ["nll", "softmax", "norm", "rope"])
 def test_hand_written_backward_equals_autodiff(pynative_after, flag):
     """The loss's hand-written backward ((softmax - onehot) * mask), the attention softmax's (row sums by a
     MatMul) and the RMSNorms' (outer products by MatMuls) give autodiff's gradients up to rounding, and their
-    forwards the same bits (ignored targets included)."""
+    forwards the same bits (ignored targets included); so do the rope tables broadcast once to full shape."""
     from mindspore import Tensor
     from telechat_ms.train.step import LossAndGrads, LossSum
     model, params, _, _, positions = _setup(1)
@@ -169,6 +169,7 @@ def test_hand_written_backward_equals_autodiff(pynative_after, flag):
             model.nll_bprop = on
         for layer in model.model.layers:
             layer.attention.softmax_bprop = on if flag == "softmax" else True
+            layer.attention.rotary.full_tables = on if flag == "rope" else True
         for _, cell in model.cells_and_names():
             if hasattr(cell, "hand_bprop"):
                 cell.hand_bprop = on if flag == "norm" else True

@@ -116,11 +116,16 @@ class RotaryEmbedding(nn.Cell):
         self.mul_sin = P.Mul()
         self.add = P.Add()
         self.cast = P.Cast()
+        # stand-alone / data-parallel training; telechat_ms.parallel turns it off (its strategies split the tables)
+        self.full_tables = True
 
     def construct(self, x, cos, sin):
         dtype = x.dtype
         cos = self.cast(cos, dtype)
         sin = self.cast(sin, dtype)
+        if self.training and self.full_tables:  # the tables at x's shape, built once per shape for all layers:
+            cos = ms.ops.broadcast_to(cos, x.shape)          # CPU's broadcasting Mul costs about twice a full one
+            sin = ms.ops.broadcast_to(sin, x.shape)
         x1, x2 = self.split(x)
         rotated = self.concat((self.neg(x2), x1))
         return self.add(self.mul_cos(x, cos), self.mul_sin(rotated, sin))

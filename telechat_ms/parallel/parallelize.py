@@ -137,8 +137,9 @@ def parallelize(model, pc: ParallelConfig, rc: RecomputeConfig, par: ParallelCon
     fused = not getattr(model.model.norm_out, "self_define", True)
     table = strategy_table(cfg, dims, fused_norm=fused, batched_inputs=batched_inputs)
     model.nll_bprop = False  # the loss as autodiff differentiates it: its log_softmax / gather_d carry strategies
-    for layer in model.model.layers:  # the same for the attention's softmax and the norms
-        layer.attention.softmax_bprop = False
+    for layer in model.model.layers:  # the same for the attention's softmax and the norms; the rope tables keep
+        layer.attention.softmax_bprop = False        # the shapes the strategies split
+        layer.attention.rotary.full_tables = False
     for _, cell in model.cells_and_names():
         if hasattr(cell, "hand_bprop"):   # layers.RMSNorm
             cell.hand_bprop = False
