@@ -125,6 +125,19 @@ def _ring_attention(model, dims: ParallelDims) -> bool:
     return True
 
 
+def _strategy_forms(model) -> None:
+    """Switch off the stand-alone forms whose primitives the strategy tables do not name: the hand-written
+    backwards of the loss, the attention's softmax and the norms (autodiff's primitives carry the strategies), and
+    the rope tables broadcast to full shape (the strategies split the shared tables)."""
+    model.nll_bprop = False
+    for layer in model.model.layers:
+        layer.attention.softmax_bprop = False
+        layer.attention.rotary.full_tables = False
+    for _, cell in model.cells_and_names():
+        if hasattr(cell, "hand_bprop"):   # layers.RMSNorm
+            cell.hand_bprop = False
+
+
 def parallelize(model, pc: ParallelConfig, rc: RecomputeConfig, par: ParallelContext, section: ModelSection,
                 seq_length: int, batched_inputs: bool = True, source: str = "") -> AppliedParallel:
     """Apply a parallel layout to `model` (a freshly built TeleChatForCausalLM); returns what was done.
@@ -136,13 +149,7 @@ def parallelize(model, pc: ParallelConfig, rc: RecomputeConfig, par: ParallelCon
     dims, layout = model_layout(cfg, pc, par, section, seq_length, source)
     fused = not getattr(model.model.norm_out, "self_define", True)
     table = strategy_table(cfg, dims, fused_norm=fused, batched_inputs=batched_inputs)
-    model.nll_bprop = False  # the loss as autodiff differentiates it: its log_softmax / gather_d carry strategies
-    for layer in model.model.layers:  # the same for the attention's softmax and the norms; the rope tables keep
-        layer.attention.softmax_bprop = False        # the shapes the strategies split
-        layer.attention.rotary.full_tables = False
-    for _, cell in model.cells_and_names():
-        if hasattr(cell, "hand_bprop"):   # layers.RMSNorm
-            cell.hand_bprop = False
+    _strategy_forms(model)
     apply_strategies(model, table)
     if cfg.is_moe:  # route (and cap) each token shard on its own, as MindFormers does per data-parallel shard
         for layer in model.model.layers:
@@ -200,6 +207,7 @@ def parallelize_predict(model, pc: ParallelConfig, source: str = "", paged: bool
     fused = not getattr(model.model.norm_out, "self_define", True)
     table = paged_predict_strategy_table(cfg, dims, fused_norm=fused, kernels=kernels) if paged else \
         predict_strategy_table(cfg, dims, fused_norm=fused)
+    _strategy_forms(model)
     apply_strategies(model, table)
     for layer in model.model.layers:
         layer.attention.cache_write_by_add = not paged
