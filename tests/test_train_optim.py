@@ -155,3 +155,85 @@ def test_state_is_mindformers_adamw_state():
     def state(opt):
         return [(p.name, tuple(p.shape), str(p.dtype)) for p in (*opt.exp_avg, *opt.exp_avg_sq, opt.global_step)]
     assert state(new) == state(old)
+
+
+def test_gradient_factor_in_the_kernel_equals_torch_adamw(pynative_after):
+    """update_scaled(raw grads, c): the step's factor (token mean x clipping) folded into the fused kernel's
+    arguments equals torch.optim.AdamW on c * grads over 50 steps, with c drifting slowly, dropping 100x (a loss
+    spike: the moments are rescaled in the graph) and jumping back, and a normalize_state (what every checkpoint
+    does) half way: weights within 1e-5, torch's m and v within 1e-5 relative."""
+    import mindspore as ms
+    from mindspore import Parameter, Tensor, nn
+    from telechat_ms.job_config import OptimizerConfig
+    from telechat_ms.train.trainer import build_optimizer
+
+    init, steps, lr = _init(), 50, 1e-3
+    coefs = [np.float32(3e-4 * (1 + 0.4 * np.sin(s / 3))) for s in range(steps)]
+    coefs[20:24] = [np.float32(c / 100) for c in coefs[20:24]]  # spike: the clip factor falls 100x for 4 steps
+
+    p = {n: torch.nn.Parameter(torch.from_numpy(v.copy())) for n, v in init.items()}
+    ref = torch.optim.AdamW(list(p.values()), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for s in range(steps):
+        grads = _grads({n: t.detach().numpy() for n, t in p.items()})
+        for n, t in p.items():
+            t.grad = torch.from_numpy(grads[n] * coefs[s])
+        ref.step()
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    params = [Parameter(Tensor(v.copy()), name=n) for n, v in init.items()]
+    opt = build_optimizer(OptimizerConfig(weight_decay=0.1, no_decay_keywords=[]), lr, params)
+
+    class Apply(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.opt = opt
+
+        def construct(self, coef, *grads):
+            return self.opt.update_scaled(grads, coef, Tensor(np.float32(lr)))
+
+    apply, rescaled = Apply(), []
+    for s in range(steps):
+        grads = _grads({q.name: q.asnumpy() for q in params})
+        apply(Tensor(coefs[s]), *(Tensor(grads[q.name]) for q in params))
+        rescaled.append(abs(float(opt.scale_m.asnumpy()) / float(coefs[s]) - 1) < 1e-6)  # s' = c only after a rescale
+        if s == 34:
+            m_before, v_before = opt.moments()
+            opt.normalize_state()
+            assert float(opt.scale_m.asnumpy()) == float(opt.scale_v.asnumpy()) == 1.0
+            m_after, v_after = opt.moments()
+            for a, b in zip(m_before + v_before, m_after + v_after):
+                np.testing.assert_allclose(a, b, rtol=1e-7, atol=0)
+    # rescaled at the first step, the spike, its end and after the normalisation; nowhere else
+    assert [s for s, r in enumerate(rescaled) if r] == [0, 20, 24, 35], rescaled
+    for q in params:
+        np.testing.assert_allclose(q.asnumpy(), p[q.name].detach().numpy(), atol=1e-5, rtol=0, err_msg=q.name)
+    m, v = opt.moments()
+    for q, mq, vq in zip(params, m, v):
+        state = ref.state[p[q.name]]
+        for got, want in ((mq, state["exp_avg"].numpy()), (vq, state["exp_avg_sq"].numpy())):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(), err_msg=q.name)
+
+
+def test_plain_update_leaves_moment_scales_at_one(pynative_after):
+    """update(grads, lr, keep) is the factor-1 case: the scales stay exactly 1 (the kernel sees the same
+    arguments as the plain mapping) and normalize_state has nothing to do."""
+    import mindspore as ms
+    from mindspore import Parameter, Tensor, nn, ops
+    from telechat_ms.train.optim import FusedAdamW
+    ms.set_context(mode=ms.GRAPH_MODE)
+    p = Parameter(Tensor(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)), name="w")
+    opt = FusedAdamW([p], learning_rate=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+    class Apply(nn.Cell):
+        def __init__(self):
+            super().__init__(auto_prefix=False)
+            self.opt = opt
+
+        def construct(self, g):
+            return self.opt.update((g,), ops.ones((), ms.float32) * 1e-2, ops.ones((), ms.float32))
+
+    for k in range(3):
+        Apply()(Tensor(np.full((3, 4), 0.5 + k, np.float32)))
+    assert float(opt.scale_m.asnumpy()) == float(opt.scale_v.asnumpy()) == 1.0
+    m = opt.exp_avg[0].asnumpy()
+    assert abs(float(m[0, 0]) - (0.1 * 0.9 * 0.9 * 0.5 + 0.1 * 0.9 * 1.5 + 0.1 * 2.5)) < 1e-6

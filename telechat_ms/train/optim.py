@@ -8,7 +8,19 @@ bias correction; given per-step corrected arguments it is torch's AdamW exactly 
     kernel: m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2); p -= lr_t * (m / (sqrt(v) + eps_t) + decay_t * p)
           = p - lr * wd * p - lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)            (torch's update)
 
-(decay_t = wd * lr / lr_t with lr cancelled, so lr = 0 stays finite). Ascend: the fused `AdamW` primitive
+(decay_t = wd * lr / lr_t with lr cancelled, so lr = 0 stays finite).
+
+The step's gradient factor c (token mean x clipping) goes into the same kernel's scalar arguments instead of a
+multiply pass over every gradient: the moments are stored as m = s M, v = r V with per-step scalars s, r, and
+
+    s' = b1 s + (1 - b1) c,  r' = b2 r + (1 - b2) c^2,  B1 = b1 s / s',  B2 = b2 r / r'
+    kernel(M, V, raw g; B1, B2, lr_t s' / sqrt(r'), eps_t / sqrt(r'), decay_t sqrt(r') / s')
+
+gives m' = b1 m + (1 - b1) c g, v' = b2 v + (1 - b2) c^2 g^2 and torch's update. Where s or r have drifted far
+from c (the first step, a loss spike and its end), the kernel's m + (g - m)(1 - B) would lose fp32 digits, so the
+moments are first rescaled to s = c, r = c^2 (an in-graph branch that runs on such steps only). Before a
+checkpoint `normalize_state` folds s and r into the stored moments (s = r = 1): checkpoints hold torch's m and v.
+With c = 1 and s = r = 1 every argument is bit-identical to the plain mapping. Ascend: the fused `AdamW` primitive
 (`mint.optim.AdamW`'s kernel, with its own bias correction; no CPU kernel). The state keeps MindFormers' AdamW
 names and shapes (adam_m.*, adam_v.*, global_step): checkpoints written before this optimizer load as they are.
 """
@@ -16,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
@@ -24,6 +36,8 @@ from mindspore.ops import operations as P
 
 _fused_wd = C.MultitypeFuncGraph("fused_adam_weight_decay")
 _fused_adamw = C.MultitypeFuncGraph("fused_adamw")
+_rescale = C.MultitypeFuncGraph("rescale_moment")
+_times = C.MultitypeFuncGraph("times")
 
 KERNEL_ADAM_WEIGHT_DECAY = "AdamWeightDecay"   # CPU / GPU
 KERNEL_ADAMW = "AdamW"                         # Ascend
@@ -55,6 +69,21 @@ def _fused_adamw_impl(opt, beta1, beta2, eps, step, lr, wd, param, m, v, grad, o
         opt(param, m, v, v, F.cast(grad, F.dtype(param)), step, F.reshape(lr, ()), beta1, beta2, wd, eps, False,
             False)
     return True
+
+
+@_rescale.register("Tensor", "Tensor")
+def _rescale_impl(factor, moment):
+    return F.assign(moment, moment * factor)
+
+
+@_times.register("Tensor", "Tensor")
+def _times_impl(factor, grad):
+    return F.cast(grad, ms.float32) * factor
+
+
+# rescale the stored moments when their scales and this step's factor part by more than this (s / c, r / c^2,
+# either way): above, the kernel's 1 - B loses fp32 digits; below, B is small and m + (g - m)(1 - B) cancels
+RESCALE_M, RESCALE_V = 8.0, 64.0
 
 
 def default_kernel(device_target: str | None = None) -> str:
@@ -96,6 +125,10 @@ class FusedAdamW(nn.Optimizer):
         self.zero = Tensor(np.float32(0.0))
         self.exp_avg = self._clone("adam_m")
         self.exp_avg_sq = self._clone("adam_v")
+        # the moments' scales (m = scale_m * exp_avg, v = scale_v * exp_avg_sq); 1 in every saved checkpoint
+        self.scale_m = Parameter(Tensor(np.float32(1.0)), name="adam_scale.m", requires_grad=False)
+        self.scale_v = Parameter(Tensor(np.float32(1.0)), name="adam_scale.v", requires_grad=False)
+        self.rescale_m, self.rescale_v = Tensor(np.float32(RESCALE_M)), Tensor(np.float32(RESCALE_V))
         if self.kernel == KERNEL_ADAMW:
             from mindspore.ops import auto_generate as gen
             self.fused = gen.AdamW()
@@ -120,25 +153,56 @@ class FusedAdamW(nn.Optimizer):
 
     def update(self, gradients, lr, keep):
         """Apply one AdamW step with rate `lr` where `keep` is 1; leave everything unchanged where it is 0."""
+        return self._step(gradients, self.one, lr, keep)
+
+    def update_scaled(self, gradients, grad_scale, lr):
+        """One AdamW step on `grad_scale * gradients` (a scalar tensor > 0), the factor applied inside the fused
+        kernel's arguments on CPU / GPU (no pass over the gradients), by a multiply on Ascend."""
+        return self._step(gradients, grad_scale, lr, self.one)
+
+    def _step(self, gradients, coef, lr, keep):
         keep_i = F.cast(keep, ms.int32)
         self.assignadd(self.global_step, self.global_step_increase_tensor * keep_i)
         if self.kernel == KERNEL_ADAMW:  # Ascend: the skip is control flow (the kernel would decay the moments)
             if keep > 0.5:
                 step = F.cast(self.global_step, ms.int64)
+                grads = self.hyper_map(F.partial(_times, F.reshape(coef, ())), gradients)
                 return self.hyper_map(F.partial(_fused_adamw, self.fused, self.b1, self.b2, self.eps_value, step,
-                                                lr), self.decay_floats, self._parameters, gradients, self.exp_avg,
+                                                lr), self.decay_floats, self._parameters, grads, self.exp_avg,
                                       self.exp_avg_sq, self.optim_filter)
             return True
         t = F.cast(self.maximum(self.global_step, 1), ms.float32)
         bc1 = self.one - self.pow(self.beta1, t)
         root_bc2 = self.sqrt(self.one - self.pow(self.beta2, t))
         keep_f = F.cast(keep, ms.float32)
-        lr_t = F.reshape(lr * root_bc2 / bc1 * keep_f, ())
-        eps_t = F.reshape(self.eps * root_bc2, ())
-        decay_scale = F.reshape(bc1 / root_bc2, ())
+        coef = F.reshape(coef, ())
+        coef2 = coef * coef
+        drift_m, drift_v = self.scale_m / coef, self.scale_v / coef2
+        drifted = ops.logical_or(ops.logical_or(drift_m > self.rescale_m, drift_m * self.rescale_m < self.one),
+                                 ops.logical_or(drift_v > self.rescale_v, drift_v * self.rescale_v < self.one))
+        need = ops.logical_and(keep_f > 0.5, ops.logical_and(coef > self.zero, drifted))
+        rescaled = self.zero
+        if need:  # drifted scales: s = c, r = c^2 (a pass over the moments, on such steps only)
+            done_m = self.hyper_map(F.partial(_rescale, drift_m), self.exp_avg)
+            done_v = self.hyper_map(F.partial(_rescale, drift_v), self.exp_avg_sq)
+            rescaled = F.depend(F.depend(self.one, done_m), done_v)
+            rescaled = F.depend(rescaled, F.assign(self.scale_m, coef))
+            rescaled = F.depend(rescaled, F.assign(self.scale_v, coef2))
+        s = F.depend(self.scale_m, rescaled) * self.one
+        r = F.depend(self.scale_v, rescaled) * self.one
+        new_s = self.beta1 * s + (self.one - self.beta1) * coef
+        new_r = self.beta2 * r + (self.one - self.beta2) * coef2
+        root_r = self.sqrt(new_r)
         # keep = 0: beta = 1 leaves m and v as they are (the gradients are zeroed by the caller), lr_t = 0 the weights
-        beta1 = F.reshape(self.select(keep_f > 0.5, self.beta1, self.one), ())
-        beta2 = F.reshape(self.select(keep_f > 0.5, self.beta2, self.one), ())
+        keeping = keep_f > 0.5
+        beta1 = F.reshape(self.select(keeping, self.beta1 * s / new_s, self.one), ())
+        beta2 = F.reshape(self.select(keeping, self.beta2 * r / new_r, self.one), ())
+        lr_t = F.reshape(lr * root_bc2 / bc1 * keep_f * (new_s / root_r), ())
+        eps_t = F.reshape(self.eps * root_bc2 / root_r, ())
+        decay_scale = F.reshape(bc1 / root_bc2 * (root_r / new_s), ())
+        moved = F.depend(F.assign(self.scale_m, self.select(keeping, new_s, s)),
+                         F.assign(self.scale_v, self.select(keeping, new_r, r)))
+        beta1 = F.depend(beta1, moved)
         if self.shared_decay:
             decay_t = F.reshape(self.decay_main * decay_scale, ())
             decays = tuple(decay_t if main else self.zero for main in self.decay_is_main)
@@ -147,6 +211,23 @@ class FusedAdamW(nn.Optimizer):
         return self.hyper_map(F.partial(_fused_wd, self.fused, beta1, beta2, lr_t, eps_t, decay_scale),
                               self.decays, self._parameters, self.exp_avg, self.exp_avg_sq, gradients,
                               self.optim_filter)
+
+    def normalize_state(self) -> None:
+        """Fold the moments' scales into the stored moments (m = s M, v = r V, then s = r = 1), on the host: before a
+        checkpoint, so the file holds torch's m and v and a resumed run continues from exactly this state."""
+        s, r = float(self.scale_m.asnumpy()), float(self.scale_v.asnumpy())
+        if s == 1.0 and r == 1.0:
+            return
+        for moments, scale in ((self.exp_avg, s), (self.exp_avg_sq, r)):
+            for moment in moments:
+                moment.set_data(Tensor(moment.asnumpy() * np.float32(scale)))
+        self.scale_m.set_data(Tensor(np.float32(1.0)))
+        self.scale_v.set_data(Tensor(np.float32(1.0)))
+
+    def moments(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """torch's m and v (the stored moments times their scales), as numpy arrays: for tests and inspection."""
+        s, r = np.float32(self.scale_m.asnumpy()), np.float32(self.scale_v.asnumpy())
+        return [m.asnumpy() * s for m in self.exp_avg], [v.asnumpy() * r for v in self.exp_avg_sq]
 
 
 def describe(optimizer) -> dict:

@@ -176,9 +176,8 @@ class Finish(nn.Cell):
             grads = self.hyper_map(F.partial(_scale_or_zero, ops.where(finite, coef, ops.zeros_like(coef)), finite),
                                    grads)
             done = self.optimizer.update(grads, lr, F.cast(finite, ms.float32))
-        else:
-            grads = self.hyper_map(F.partial(_scale, coef), grads)
-            done = self.optimizer.update(grads, lr, self.one)
+        else:  # the factor goes into the fused kernel's arguments: no pass over the gradients
+            done = self.optimizer.update_scaled(grads, coef, lr)
         new_scale = self.loss_scale.update(F.depend(finite, done))
         out = self.stack((F.cast(mean_loss, ms.float32), norm, F.cast(finite, ms.float32), new_scale))
         return F.depend(out, done)

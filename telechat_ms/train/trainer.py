@@ -225,11 +225,14 @@ def train(job: JobConfig) -> TrainResult:
         pending = (step, lr, tokens, t0, launched, stats)
         done = step + 1 == total_steps
         interval = job.callbacks.save_interval
-        saving = (run.is_main or sharded) and (done or (interval > 0 and (step + 1) % interval == 0))
+        save_point = done or (interval > 0 and (step + 1) % interval == 0)
+        saving = (run.is_main or sharded) and save_point
         evaluating = evaluation is not None and evaluation.due(step + 1)
         if saving or done or evaluating or _fault("kill_after_step", step + 1):
             finish(*pending[:3], pending[4], time.perf_counter() - t0, pending[5])
             pending = None
+        if save_point and hasattr(optimizer, "normalize_state"):
+            optimizer.normalize_state()  # every rank, so replicas stay identical: the saved m, v are torch's
         if saving:
             loss_scale, good_steps = stepper.loss_scale_state()
             state = {"loader": loader.state_dict(), "loss_scale": loss_scale, "good_steps": good_steps, "lr": lr,
