@@ -66,6 +66,12 @@ def token_count_tensor(tokens: int) -> Tensor:
     return Tensor(np.array([tokens // int(COUNT_BASE), tokens % int(COUNT_BASE)], dtype=np.float32))
 
 
+def expected_gradient_factor(wrapper, tokens: int) -> float:
+    """What `Finish` multiplies a step's gradients by before clipping: 1 / tokens without a loss scale (the
+    gradients are of the NLL sum), 1 with one (they were unscaled to the token mean first)."""
+    return 1.0 / max(int(tokens), 1) if wrapper.loss_scale == "none" else 1.0
+
+
 class LossSum(nn.Cell):
     """Forward returning sum(nll) * loss_scale (the count is computed on the host from the labels); an MoE model
     adds its load-balancing loss times this micro batch's targets, so the step's loss is the token mean of

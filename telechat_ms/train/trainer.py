@@ -182,6 +182,11 @@ def train(job: JobConfig) -> TrainResult:
             evaluation.load_state_dict(state.get("eval"))
         if state.get("rng") is not None:
             ms.set_rng_state(Tensor(np.array(state["rng"], dtype=np.uint8)))
+    # the moments are stored at a power of two near the step's gradient factor (see optim.FusedAdamW.adopt)
+    from telechat_ms.train.step import expected_gradient_factor
+    moment_scale = expected_gradient_factor(wrapper, loader.global_batch * loader.seq_length)
+    if resume and hasattr(optimizer, "adopt"):
+        optimizer.adopt(moment_scale)
     logger = MetricsLogger(out_dir, total_steps, enabled=run.is_main, log_interval=job.callbacks.log_interval,
                            tensorboard=job.callbacks.tensorboard)
     if run.is_main:
@@ -242,6 +247,8 @@ def train(job: JobConfig) -> TrainResult:
                 state["eval"] = evaluation.state_dict()
             last_ckpt = save_checkpoint(ckpt_root, step + 1, model_params, opt_params, state,
                                         keep=job.callbacks.keep_checkpoint_max)
+        if save_point and hasattr(optimizer, "adopt"):
+            optimizer.adopt(moment_scale)  # the same state a resumed run starts from
         if _fault("kill_after_step", step + 1):
             os._exit(137)  # simulated kill -9, for the resume tests
     result.checkpoint = last_ckpt
