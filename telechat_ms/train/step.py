@@ -66,10 +66,16 @@ def token_count_tensor(tokens: int) -> Tensor:
     return Tensor(np.array([tokens // int(COUNT_BASE), tokens % int(COUNT_BASE)], dtype=np.float32))
 
 
+def unscales_first(wrapper) -> bool:
+    """With a loss scale, `Finish` brings the gradients to the token mean before the norm (scaled fp16-range
+    gradients' squares overflow fp32); without one the token mean goes into the clipping factor."""
+    return wrapper.loss_scale != "none"
+
+
 def expected_gradient_factor(wrapper, tokens: int) -> float:
     """What `Finish` multiplies a step's gradients by before clipping: 1 / tokens without a loss scale (the
     gradients are of the NLL sum), 1 with one (they were unscaled to the token mean first)."""
-    return 1.0 / max(int(tokens), 1) if wrapper.loss_scale == "none" else 1.0
+    return 1.0 if unscales_first(wrapper) else 1.0 / max(int(tokens), 1)
 
 
 class LossSum(nn.Cell):
@@ -153,7 +159,7 @@ class Finish(nn.Cell):
             if world_size > 1 else None
         self.all_reduce = P.AllReduce() if world_size > 1 else None
         self.clip = bool(wrapper.use_clip_grad)
-        self.prescale = wrapper.loss_scale != "none"
+        self.prescale = unscales_first(wrapper)
         self.max_norm = Tensor(np.float32(wrapper.max_grad_norm))
         self.clip_eps = Tensor(np.float32(CLIP_EPS))
         self.count_base = Tensor(np.array([COUNT_BASE, 1.0], dtype=np.float32))
